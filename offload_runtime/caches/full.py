@@ -1,0 +1,59 @@
+"""The full KV cache: every token, every layer. L3 of the hierarchy and the autoregressive baseline."""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..kernels import attention
+from .base import KVCache, grown_capacity
+
+RECENT_QUERIES = 64  # query rows kept per layer, for (re-)building the retrieval selection
+
+
+class FullCache(KVCache):
+    """Rows [0, length) of K (rotated) and V per layer, in one growing buffer per layer."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, capacity: int = 0) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.length = 0
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.recent_queries: list[torch.Tensor | None] = [None] * cfg.num_layers
+        self._reserve(capacity)
+
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity and self.k:
+            return
+        cap = grown_capacity(needed, self.capacity)
+        shape = (self.cfg.num_kv_heads, cap, self.cfg.head_dim)
+        new_k = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
+        new_v = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
+        for old, new in zip(self.k + self.v, new_k + new_v):
+            new[:, : self.length].copy_(old[:, : self.length])
+        self.k, self.v, self.capacity = new_k, new_v, cap
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = k.shape[1]
+        end = self.length + n
+        if layer == 0:
+            self._reserve(end)
+        self.k[layer][:, self.length : end] = k
+        self.v[layer][:, self.length : end] = v
+        self.recent_queries[layer] = q[:, -RECENT_QUERIES:].clone()
+        k_pos = torch.arange(end, device=q.device)
+        return attention(
+            q, self.k[layer][:, :end], self.v[layer][:, :end], k_pos[self.length :], k_pos,
+            self.cfg.sliding_windows[layer],
+        )
+
+    def rows(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows [start, stop) of a layer (views)."""
+        return self.k[layer][:, start:stop], self.v[layer][:, start:stop]
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} rows to {length}")
+        self.length = length

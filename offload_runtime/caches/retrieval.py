@@ -1,0 +1,115 @@
+"""The retrieval cache for L2: a budget-sized sparse copy of the context, on the GPU.
+
+Per layer and KV head, the prompt's K/V rows are split into chunks of `chunk_size`;
+each chunk's mean key is scored against the current query (GQA: the query heads of a
+KV head add their scores) and the best chunks up to `budget` tokens are kept, chunk 0
+(the attention sinks) always. A prompt tail shorter than a chunk is always kept. Every
+generated token's K/V (as the L3 pass computed them) is appended after the selection.
+Keys keep their absolute RoPE rotation, so attention over the subset keeps true
+relative positions; the rows' positions are stored for causality and sliding windows.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..kernels import attention, select_chunks
+from .base import KVCache, grown_capacity
+from .full import FullCache
+
+
+class RetrievalCache(KVCache):
+    def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, budget: int, chunk_size: int) -> None:
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.budget, self.chunk_size = budget, chunk_size
+        self.length = 0  # logical length: absolute position of the next token
+        self.base = 0  # context length the selection was built from
+        self.selected = 0  # rows of the selection (same for every head)
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.pos = torch.empty(0, dtype=torch.long)  # [Hkv, capacity]
+
+    def _slot(self, length: int) -> int:
+        return self.selected + (length - self.base)
+
+    def _reserve(self, rows: int) -> None:
+        if rows <= self.capacity:
+            return
+        cap = grown_capacity(rows, self.capacity)
+        hkv, d = self.cfg.num_kv_heads, self.cfg.head_dim
+        used = self._slot(self.length)
+        new_k = [torch.empty(hkv, cap, d, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
+        new_v = [torch.empty(hkv, cap, d, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
+        for old, new in zip(self.k + self.v, new_k + new_v):
+            new[:, :used].copy_(old[:, :used])
+        new_pos = torch.zeros(hkv, cap, dtype=torch.long, device=self.device)
+        new_pos[:, :used] = self.pos[:, :used]
+        self.k, self.v, self.pos, self.capacity = new_k, new_v, new_pos, cap
+
+    def selection_plan(self, context: int) -> tuple[int, int, int]:
+        """(full chunks in the context, chunks to keep, tail rows kept whole)."""
+        c = self.chunk_size
+        n_full, tail = divmod(context, c)
+        if context <= self.budget:
+            return n_full, n_full, tail
+        keep = max(1, (self.budget - tail) // c)
+        return n_full, min(keep, n_full), tail
+
+    def build(self, full: FullCache, prompt_len: int, queries: list[torch.Tensor]) -> None:
+        """Select from rows [0, prompt_len) of `full` with queries[layer] [Hq, D]; copy rows
+        [prompt_len, full.length) (already generated tokens) after the selection."""
+        c = self.chunk_size
+        n_full, keep, tail = self.selection_plan(prompt_len)
+        hkv, d = self.cfg.num_kv_heads, self.cfg.head_dim
+        selected = keep * c + tail
+        self.base = self.length = prompt_len
+        self.selected, self.capacity, self.k, self.v = 0, 0, [], []
+        self.pos = torch.zeros(hkv, 0, dtype=torch.long, device=self.device)
+        self._reserve(selected + (full.length - prompt_len) + 64)
+        self.selected = selected
+        all_pos = torch.arange(prompt_len, device=self.device)
+        for layer in range(self.cfg.num_layers):
+            k_all, v_all = full.rows(layer, 0, prompt_len)
+            if keep == n_full:  # everything fits: the selection is the whole prompt
+                rows = all_pos[None, :].expand(hkv, -1)
+            else:
+                chunk_keys = k_all[:, : n_full * c].reshape(hkv, n_full, c, d).float().mean(2)
+                idx = select_chunks(chunk_keys, queries[layer], keep)  # [Hkv, keep]
+                rows = (idx[:, :, None] * c + torch.arange(c, device=self.device)).reshape(hkv, -1)
+                rows = torch.cat([rows, all_pos[n_full * c :][None, :].expand(hkv, -1)], dim=1)
+            gather = rows[:, :, None].expand(-1, -1, d)
+            self.k[layer][:, : self.selected] = torch.gather(k_all, 1, gather.to(k_all.device))
+            self.v[layer][:, : self.selected] = torch.gather(v_all, 1, gather.to(v_all.device))
+            if layer == 0:
+                self.pos[:, : self.selected] = rows
+        if full.length > prompt_len:
+            self.write_rows(full, prompt_len, full.length)
+
+    def write_rows(self, full: FullCache, start: int, stop: int) -> None:
+        """Make rows [start, stop) equal to the full cache's (the L3 pass computed them); length = stop."""
+        self.truncate(start)
+        self._reserve(self._slot(stop))
+        a, b = self._slot(start), self._slot(stop)
+        for layer in range(self.cfg.num_layers):
+            k, v = full.rows(layer, start, stop)
+            self.k[layer][:, a:b] = k
+            self.v[layer][:, a:b] = v
+        self.pos[:, a:b] = torch.arange(start, stop, device=self.device)
+        self.length = stop
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = k.shape[1]
+        a, b = self._slot(self.length), self._slot(self.length + n)
+        if layer == 0:
+            self._reserve(b)
+            self.pos[:, a:b] = torch.arange(self.length, self.length + n, device=self.device)
+        self.k[layer][:, a:b] = k
+        self.v[layer][:, a:b] = v
+        return attention(q, self.k[layer][:, :b], self.v[layer][:, :b], self.pos[0, a:b], self.pos[:, :b],
+                         self.cfg.sliding_windows[layer])
+
+    def truncate(self, length: int) -> None:
+        if not self.base <= length <= self.length:
+            raise ValueError(f"cannot truncate the retrieval cache ({self.base}..{self.length}) to {length}")
+        self.length = length

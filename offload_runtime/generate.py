@@ -1,0 +1,82 @@
+"""Autoregressive decoding over the full cache: the baseline and the reference for the engine."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .caches.full import FullCache
+from .model import CausalLM
+from .sampling import SamplingParams, probabilities, sample
+
+TokenCallback = Callable[[list[int]], None]
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+def check_request(model: CausalLM, prompt_len: int, max_new_tokens: int) -> None:
+    from .errors import UserError
+
+    if max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if prompt_len == 0:
+        raise UserError("the prompt is empty")
+    limit = model.cfg.max_position_embeddings
+    if prompt_len + max_new_tokens > limit:
+        raise UserError(
+            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's "
+            f"context of {limit} tokens (max_position_embeddings)"
+        )
+
+
+def stop_index(tokens: list[int], eos_ids: list[int], budget: int) -> int:
+    """How many of `tokens` to emit: up to and including the first EOS, at most `budget`."""
+    for i, t in enumerate(tokens[:budget]):
+        if t in eos_ids:
+            return i + 1
+    return min(len(tokens), budget)
+
+
+def generate_autoregressive(
+    model: CausalLM,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    params: SamplingParams,
+    eos_ids: list[int],
+    generator: torch.Generator | None = None,
+    cache: FullCache | None = None,
+    on_tokens: TokenCallback | None = None,
+) -> GenerationResult:
+    """One target forward per token over the full cache (EOS included in the output, as transformers does)."""
+    check_request(model, len(prompt_ids), max_new_tokens)
+    if cache is None:
+        cache = FullCache(model.cfg, model.device, model.dtype, capacity=len(prompt_ids) + max_new_tokens)
+    t0 = time.perf_counter()
+    logits = model(torch.tensor(prompt_ids, device=model.device), cache, last_only=True)
+    t_prefill = time.perf_counter() - t0
+    out: list[int] = []
+    t1 = time.perf_counter()
+    while True:
+        token = int(sample(probabilities(logits[-1], params), generator))
+        out.append(token)
+        if on_tokens:
+            on_tokens([token])
+        if token in eos_ids or len(out) >= max_new_tokens:
+            break
+        logits = model(torch.tensor([token], device=model.device), cache)
+    t_decode = time.perf_counter() - t1
+    return GenerationResult(out, {
+        "mode": "autoregressive",
+        "prompt_tokens": len(prompt_ids),
+        "new_tokens": len(out),
+        "prefill_s": t_prefill,
+        "decode_s": t_decode,
+        "decode_tokens_per_s": len(out) / t_decode if t_decode > 0 else None,
+        "target_forwards": len(out),
+    })

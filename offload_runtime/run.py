@@ -1,0 +1,211 @@
+"""The command line: `python -m offload_runtime.run` (see README for the flags).
+
+A user error prints one line `error: ...` on stderr and exits 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + two lines)
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m offload_runtime.run",
+        description="Lossless long-context generation with a host-resident KV cache and TriForce "
+        "hierarchical speculative decoding. Without --model: a demo on a small synthetic model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="target checkpoint: a local directory or a Hugging Face hub id (omit for the synthetic demo)")
+    g.add_argument("--draft", help="small draft model sharing the target's vocabulary (omit: two-level hierarchy)")
+    g = p.add_argument_group("input")
+    g.add_argument("--prompt", help="the prompt text")
+    g.add_argument("--prompt-file", help="read the prompt from this file")
+    g.add_argument("--context-file", help="a long document placed before the prompt")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (exact argmax)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    g = p.add_argument_group("engine")
+    g.add_argument("--mode", choices=["triforce", "autoregressive"], default="triforce",
+                   help="triforce: speculative engine; autoregressive: baseline over the same cache")
+    g.add_argument("--budget", type=int, default=4096, help="retrieval-cache budget in tokens (L2)")
+    g.add_argument("--chunk-size", type=int, default=8, help="tokens per retrieval chunk")
+    g.add_argument("--gamma", type=int, default=6, help="L2 tokens verified per L3 pass")
+    g.add_argument("--draft-gamma", type=int, default=4, help="L1 draft tokens per L2 check")
+    g.add_argument("--sinks", type=int, default=16, help="attention-sink tokens kept by the draft's StreamingLLM cache")
+    g.add_argument("--window", type=int, default=256, help="total size of the draft's StreamingLLM cache")
+    g = p.add_argument_group("memory and device")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: the checkpoint's dtype on CUDA, float32 on CPU")
+    g.add_argument("--on-chip-layers", default=None, help="N|auto: layers whose full cache stays on the GPU")
+    g = p.add_argument_group("output")
+    g.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
+    g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, prompt_tokens, stats")
+    return p
+
+
+def read_text(path: str, what: str) -> str:
+    f = Path(path)
+    if not f.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    data = f.read_bytes()
+    if b"\x00" in data:
+        raise UserError(f"{what} {path} is binary, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text")
+    if not text.strip():
+        raise UserError(f"{what} {path} is empty")
+    return text
+
+
+def prompt_text(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    prompt = read_text(args.prompt_file, "prompt file") if args.prompt_file else args.prompt
+    if prompt is None:
+        raise UserError("--prompt or --prompt-file is required with --model")
+    if args.context_file:
+        prompt = read_text(args.context_file, "context file") + "\n\n" + prompt
+    return prompt
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    from .sampling import SamplingParams
+
+    SamplingParams(args.temperature, args.top_p)  # raises on bad values
+    for flag in ("chunk_size", "gamma", "draft_gamma", "budget"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.budget < 2 * args.chunk_size:
+        raise UserError(f"--budget {args.budget} must hold at least 2 chunks of --chunk-size {args.chunk_size}")
+    if args.sinks < 0 or args.window <= args.sinks:
+        raise UserError(f"--window {args.window} must be larger than --sinks {args.sinks} (>= 0)")
+    if args.on_chip_layers is not None:
+        raise UserError("--on-chip-layers needs the host-resident cache, which is not built yet")
+    if args.chat:
+        raise UserError("--chat is not built yet")
+
+
+def pick_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def generate_once(args: argparse.Namespace) -> dict:
+    import torch
+
+    from . import loading
+    from .generate import generate_autoregressive
+    from .sampling import SamplingParams
+
+    device = pick_device(args.device)
+    target = loading.load(args.model, device, args.dtype)
+    params = SamplingParams(args.temperature, args.top_p)
+    prompt_ids = target.tokenizer(prompt_text(args))["input_ids"]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    stream = None if args.json else _Streamer(target.tokenizer)
+    if args.mode == "autoregressive":
+        result = generate_autoregressive(target.model, prompt_ids, args.max_new_tokens, params,
+                                         target.eos_ids, generator, on_tokens=stream)
+    else:
+        from .engine import EngineSettings, generate_triforce
+
+        draft = loading.load(args.draft, device, args.dtype) if args.draft else None
+        if draft is not None:
+            from .engine import check_same_vocabulary
+
+            check_same_vocabulary(target, draft)
+        settings = EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=args.gamma,
+                                  draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window)
+        result = generate_triforce(target.model, draft.model if draft else None, prompt_ids,
+                                   args.max_new_tokens, params, target.eos_ids, settings, generator,
+                                   on_tokens=stream)
+    if stream:
+        stream.finish()
+    text = target.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    return {"text": text, "token_ids": result.token_ids, "prompt_tokens": len(prompt_ids), "stats": result.stats}
+
+
+class _Streamer:
+    """Prints decoded text as tokens are accepted (decoding the whole answer so merges come out right)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.ids.extend(tokens)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return
+        sys.stdout.write(text[self.printed:])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+    def finish(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def summary_line(stats: dict) -> str:
+    parts = [f"{stats.get('mode')}", f"prompt {stats.get('prompt_tokens')} tok",
+             f"prefill {stats.get('prefill_s', 0):.2f}s", f"{stats.get('new_tokens')} new tok"]
+    if stats.get("decode_tokens_per_s"):
+        parts.append(f"{stats['decode_tokens_per_s']:.2f} tok/s")
+    if stats.get("mean_accepted_per_pass") is not None:
+        parts.append(f"{stats['mean_accepted_per_pass']:.2f} tok/L3 pass")
+    return "[" + ", ".join(parts) + "]"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        validate(args)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        if args.model is None:
+            from .demo import run_demo
+
+            return run_demo(args)
+        out = generate_once(args)
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(summary_line(out["stats"]), file=sys.stderr)
+        return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
