@@ -1,0 +1,192 @@
+"""The TriForce engine: lossless at temperature 0 (tokens equal autoregressive decoding and
+transformers' generate), real speculation visible in stats, sampled frequencies equal the
+target's exact distributions, and its bad inputs."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from offload_runtime import loading, synthetic
+from offload_runtime.caches import FullCache
+from offload_runtime.engine import EngineSettings, generate_triforce
+from offload_runtime.errors import UserError
+from offload_runtime.generate import generate_autoregressive
+from offload_runtime.run import main
+from offload_runtime.sampling import SamplingParams
+
+GREEDY = SamplingParams(0.0)
+TARGETS = {
+    "llama": ("llama", dict(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2)),
+    "mistral": ("mistral", dict(num_key_value_heads=4)),
+    "qwen2": ("qwen2", dict(num_key_value_heads=1)),
+}
+
+
+def load(path):
+    return loading.load(str(path), torch.device("cpu"), with_tokenizer=False).model
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer, long_text):
+    return tokenizer(long_text)["input_ids"][:301]  # not a multiple of any chunk size used below
+
+
+@pytest.fixture(scope="module")
+def draft_model(checkpoint):
+    return load(checkpoint("llama", seed=11, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                           num_key_value_heads=1))
+
+
+@pytest.mark.parametrize("family", sorted(TARGETS))
+def test_greedy_equals_autoregressive_and_transformers(family, checkpoint, prompt_ids, draft_model):
+    model_type, overrides = TARGETS[family]
+    path = checkpoint(model_type, **overrides)
+    target = load(path)
+    n_new = 40
+    ar = generate_autoregressive(target, prompt_ids, n_new, GREEDY, []).token_ids
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = ref.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n_new)[0, len(prompt_ids):]
+    assert ar == hf.tolist()
+    settings = [
+        EngineSettings(budget=48, chunk_size=8, gamma=4, draft_gamma=3, sinks=4, window=40),  # budget << prompt
+        EngineSettings(budget=30, chunk_size=7, gamma=3, draft_gamma=2, sinks=2, window=24),  # generation > budget
+        EngineSettings(budget=1024, chunk_size=16, gamma=5, draft_gamma=4, sinks=4, window=64),  # budget >= prompt
+    ]
+    for s in settings:
+        for draft in (None, draft_model, target):  # two levels, a small draft, the target as its own draft
+            got = generate_triforce(target, draft, prompt_ids, n_new, GREEDY, [], s)
+            assert got.token_ids == ar, (s, draft is None)
+            assert got.stats["new_tokens"] == n_new
+
+
+def test_eos_inside_accepted_block_ends_there(checkpoint, prompt_ids):
+    target = load(checkpoint("llama"))
+    ar = generate_autoregressive(target, prompt_ids, 30, GREEDY, []).token_ids
+    i = next(i for i in range(5, 30) if ar[i] not in ar[:i])
+    settings = EngineSettings(budget=4096, gamma=6)  # everything accepted: EOS falls inside a block
+    got = generate_triforce(target, None, prompt_ids, 30, GREEDY, [ar[i]], settings)
+    assert got.token_ids == ar[: i + 1]
+    got = generate_triforce(target, None, prompt_ids, 7, GREEDY, [], settings)
+    assert got.token_ids == ar[:7]  # max-new-tokens inside a block
+
+
+@pytest.mark.parametrize("n_new,gamma", [(30, 6), (29, 4), (8, 7)])
+def test_full_budget_accepts_every_token(checkpoint, prompt_ids, n_new, gamma):
+    """Budget >= prompt: L2 is L3, so every pass accepts all gamma tokens plus the bonus."""
+    target = load(checkpoint("llama"))
+    got = generate_triforce(target, None, prompt_ids, n_new, GREEDY, [], EngineSettings(budget=4096, gamma=gamma))
+    # the first token comes from the prefill; each L3 pass then yields gamma + 1 tokens
+    assert got.stats["l3_passes"] == math.ceil((n_new - 1) / (gamma + 1)) <= math.ceil(n_new / (gamma + 1))
+    assert got.stats["l3_acceptance_of_l2"] == 1.0
+    # a sampled run is accepted in full too (p == q up to float rounding)
+    sampled = generate_triforce(target, None, prompt_ids, n_new, SamplingParams(1.0), [],
+                                EngineSettings(budget=4096, gamma=gamma), torch.Generator().manual_seed(0))
+    assert sampled.stats["l3_passes"] == math.ceil((n_new - 1) / (gamma + 1))
+
+
+def test_target_as_own_draft_short_prompt_accepts_all(checkpoint, prompt_ids):
+    """Prompt inside the draft window and budget: all three levels compute the same thing."""
+    target = load(checkpoint("llama"))
+    got = generate_triforce(target, target, prompt_ids[:50], 30, GREEDY, [], EngineSettings(budget=4096))
+    assert got.stats["l2_acceptance_of_l1"] == 1.0 and got.stats["l3_acceptance_of_l2"] == 1.0
+
+
+def test_refresh_policy_keeps_tokens(checkpoint, prompt_ids, draft_model):
+    target = load(checkpoint("llama"))
+    ar = generate_autoregressive(target, prompt_ids, 25, GREEDY, []).token_ids
+    s = EngineSettings(budget=48, chunk_size=8, gamma=3, draft_gamma=2, sinks=4, window=40, refresh_every=2)
+    assert generate_triforce(target, draft_model, prompt_ids, 25, GREEDY, [], s).token_ids == ar
+
+
+def _tiny_vocab_model(tmp_path, seed, vocab=8, **kw):
+    cfg = synthetic.hf_config("llama", vocab, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    synthetic.randomize(model, std=0.5, seed=seed)
+    model.save_pretrained(tmp_path / f"m{seed}")
+    return load(tmp_path / f"m{seed}")
+
+
+def _chi2(counts, probs):
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0
+    return (((counts - expected) ** 2)[keep] / expected[keep]).sum().item(), int(keep.sum()) - 1
+
+
+def test_sampled_frequencies_match_target(tmp_path):
+    """Temperature 1, three levels, retrieval budget < prompt, draft window < prompt: the second and third
+    generated tokens (both produced by speculation) follow the target's exact marginal distributions."""
+    vocab = 8
+    target = _tiny_vocab_model(tmp_path, 1, vocab, eos_token_id=None, bos_token_id=None)
+    draft = _tiny_vocab_model(tmp_path, 2, vocab, eos_token_id=None, bos_token_id=None, num_hidden_layers=1)
+    prompt = torch.randint(0, vocab, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(1.0)
+
+    def dist(tokens):
+        return torch.softmax(target(torch.tensor(tokens), FullCache(target.cfg, "cpu", torch.float32))[-1], -1)
+
+    p1 = dist(prompt)
+    p2_given = torch.stack([dist(prompt + [a]) for a in range(vocab)])  # [a, b]
+    joint12 = p1[:, None] * p2_given
+    p3 = sum(joint12[a, b] * dist(prompt + [a, b]) for a in range(vocab) for b in range(vocab))
+    p2 = joint12.sum(0)
+
+    settings = EngineSettings(budget=16, chunk_size=4, gamma=2, draft_gamma=2, sinks=2, window=12)
+    gen = torch.Generator().manual_seed(1)
+    runs = 2500
+    seconds = torch.zeros(vocab)
+    thirds = torch.zeros(vocab)
+    for _ in range(runs):
+        out = generate_triforce(target, draft, prompt, 3, params, [], settings, gen).token_ids
+        seconds[out[1]] += 1
+        thirds[out[2]] += 1
+    for counts, probs in [(seconds, p2), (thirds, p3)]:
+        stat, dof = _chi2(counts, probs)
+        assert stat < dof + 8 * math.sqrt(2 * dof), (stat, dof)  # ~p < 1e-6 under the right law
+    # the same check does fail when the law is wrong: the draft's distribution is far from p2
+    wrong = torch.softmax(draft(torch.tensor(prompt + [0]), FullCache(draft.cfg, "cpu", torch.float32))[-1], -1)
+    stat, dof = _chi2(seconds, (0.5 * wrong + 0.5 * p2))
+    assert stat > dof + 8 * math.sqrt(2 * dof)
+
+
+def test_vocabulary_mismatch_is_refused(checkpoint, tmp_path, capsys):
+    target = checkpoint("llama")
+    other_tok = synthetic.train_tokenizer(vocab_size=300, seed=5)
+    other = synthetic.make_checkpoint(tmp_path / "other", "llama", tokenizer=other_tok)
+    assert main(["--model", str(target), "--draft", str(other), "--prompt", "hello"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "vocabular" in err[0]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--budget", "8", "--chunk-size", "8"], "at least 2 chunks"),
+    (["--chunk-size", "0"], "--chunk-size must be positive"),
+    (["--gamma", "0"], "--gamma must be positive"),
+])
+def test_bad_engine_settings(checkpoint, capsys, flags, needle):
+    assert main(["--model", str(checkpoint("llama")), "--prompt", "x"] + flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+    with pytest.raises(UserError):
+        EngineSettings(budget=8, chunk_size=8)
+
+
+def test_cli_triforce_json_stats(checkpoint, capsys, tokenizer):
+    path = str(checkpoint("qwen2"))
+    args = ["--model", path, "--prompt", synthetic.synthetic_text(200, 3), "--max-new-tokens", "24", "--json",
+            "--budget", "64", "--chunk-size", "8", "--gamma", "4"]
+    assert main(args + ["--draft", path]) == 0
+    tri = json.loads(capsys.readouterr().out)
+    assert main(args + ["--mode", "autoregressive"]) == 0
+    ar = json.loads(capsys.readouterr().out)
+    assert tri["token_ids"] == ar["token_ids"] and tri["text"] == ar["text"]
+    stats = tri["stats"]
+    assert stats["levels"] == 3 and stats["l3_passes"] >= 1
+    for key in ("mean_accepted_per_pass", "l2_acceptance_of_l1", "l3_acceptance_of_l2", "time_l1_s", "time_l2_s",
+                "time_l3_s", "prefill_s", "decode_tokens_per_s"):
+        assert stats[key] is not None, key
