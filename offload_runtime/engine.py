@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -22,6 +22,9 @@ from .generate import GenerationResult, TokenCallback, check_request, stop_index
 from .model import CausalLM
 from .sampling import SamplingParams, probabilities, sample
 from .speculative import verify
+
+PREFILL_CHUNK = 1024  # tokens per prefill forward: bounds activation memory on long documents
+ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens total)
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,8 @@ class Stats:
     def __init__(self) -> None:
         self.l3_passes = self.l3_proposed = self.l3_accepted = self.emitted_in_rounds = 0
         self.l2_forwards = self.l1_forwards = self.l1_proposed = self.l1_accepted = 0
-        self.time = {"l1": 0.0, "l2": 0.0, "l3": 0.0}
+        self.prefilled_tokens = self.prefills = self.retrieval_builds = 0
+        self.time = {"l1": 0.0, "l2": 0.0, "l3": 0.0, "prefill": 0.0}
 
     def as_dict(self) -> dict:
         return {
@@ -76,6 +80,9 @@ class Stats:
             "l2_forwards": self.l2_forwards,
             "l1_forwards": self.l1_forwards,
             "time_l1_s": self.time["l1"], "time_l2_s": self.time["l2"], "time_l3_s": self.time["l3"],
+            "prefilled_tokens": self.prefilled_tokens,
+            "prefills": self.prefills,
+            "retrieval_builds": self.retrieval_builds,
         }
 
 
@@ -91,38 +98,54 @@ class _Timer:
 
 
 class DraftLevel:
-    """L1: the draft model over a StreamingLLM cache, kept in step with the committed tokens."""
+    """L1: the draft model over a StreamingLLM cache, kept in step with the context.
+
+    `consumed` lists the context tokens after `base` that the cache holds; everything
+    before `base` was fed at (re-)prefill. Rollback is a truncation of the newest rows.
+    """
 
     def __init__(self, model: CausalLM, settings: EngineSettings, params: SamplingParams,
                  generator: torch.Generator | None, stats: Stats) -> None:
         self.model, self.settings, self.params, self.generator, self.stats = model, settings, params, generator, stats
         self.cache = StreamingCache(model.cfg, model.device, model.dtype, settings.sinks, settings.window, model.rope)
-        self.consumed: list[int] = []  # tokens after the prompt the cache holds, in order
+        self.base = 0
+        self.consumed: list[int] = []
 
     def _forward(self, tokens: list[int]) -> torch.Tensor:
         logits = self.model(torch.tensor(tokens, device=self.model.device), self.cache)
         self.stats.l1_forwards += 1
         return logits
 
-    def prefill(self, prompt: list[int]) -> None:
+    def reset(self, context: list[int]) -> None:
+        """Feed context[:-1] as StreamingLLM keeps it: the sink tokens and the most recent window."""
         s, w = self.settings.sinks, self.settings.window
-        # StreamingLLM keeps only sinks + a recent window: feed exactly those tokens.
-        self._forward(prompt if len(prompt) <= w else prompt[:s] + prompt[-(w - s):])
-        self.cache.evict()
-        self.consumed = []
+        head = context[:-1]
+        self.cache.truncate(0)
+        if head:
+            self._forward(head if len(head) <= w else head[:s] + head[-(w - s):])
+            self.cache.evict()
+        self.base, self.consumed = len(head), []
 
-    def propose(self, sequence: list[int], k: int) -> tuple[list[int], torch.Tensor]:
-        """k draft tokens continuing `sequence` (generated tokens so far) and their distributions [k, V]."""
+    def propose(self, context: list[int], k: int) -> tuple[list[int], torch.Tensor]:
+        """k draft tokens continuing `context` and their distributions [k, V]."""
+        tail = context[self.base:]
+        if not tail:  # (only after a context shrink) re-prefill
+            self.reset(context)
+            tail = context[self.base:]
         common = 0
-        limit = min(len(self.consumed), len(sequence) - 1)  # the last token must be fed to get a distribution
-        while common < limit and self.consumed[common] == sequence[common]:
+        limit = min(len(self.consumed), len(tail) - 1)  # the last token must be fed to get a distribution
+        while common < limit and self.consumed[common] == tail[common]:
             common += 1
         drop = len(self.consumed) - common
         if self.cache.evicted and drop > self.cache.length - self.settings.sinks:
-            raise RuntimeError("draft rollback beyond its window")  # prevented by EngineSettings' check
+            self.reset(context)  # the rows to roll back were evicted: start again from the context
+            return self.propose(context, k)
         self.cache.truncate(self.cache.length - drop)
         self.consumed = self.consumed[:common]
-        feed = sequence[common:]
+        feed = tail[common:]
+        if len(feed) > self.settings.window - self.settings.sinks:  # a long new turn: cheaper to re-prefill
+            self.reset(context)
+            feed = context[self.base:]
         tokens, dists = [], []
         for _ in range(k):
             logits = self._forward(feed)
@@ -136,6 +159,217 @@ class DraftLevel:
         return tokens, torch.stack(dists)
 
 
+class Session:
+    """The caches of one growing context (a prompt, or a whole conversation).
+
+    `context` is the truth: every token of the conversation. The full cache holds a
+    prefix of it (all but the newest token after a generation); `extend` appends tokens
+    (a new question), `generate` continues the context. Ctrl-C (KeyboardInterrupt) inside
+    either leaves the session consistent: the caches are cut back to what they hold of
+    the context, and the next call catches up.
+    """
+
+    def __init__(self, target: CausalLM, draft: CausalLM | None, params: SamplingParams, eos_ids: list[int],
+                 settings: EngineSettings = EngineSettings(), generator: torch.Generator | None = None,
+                 mode: Literal["triforce", "autoregressive"] = "triforce", capacity: int = 0,
+                 progress: ProgressCallback | None = None) -> None:
+        self.target, self.params, self.eos_ids, self.settings = target, params, eos_ids, settings
+        self.generator, self.mode, self.progress = generator, mode, progress
+        self.stats = Stats()
+        self.context: list[int] = []
+        self.full = FullCache(target.cfg, target.device, target.dtype, capacity=capacity)
+        self.retrieval = RetrievalCache(target.cfg, target.device, target.dtype, settings.budget, settings.chunk_size) \
+            if mode == "triforce" else None
+        self.l1 = DraftLevel(draft, settings, params, generator, self.stats) \
+            if draft is not None and mode == "triforce" else None
+        self._logits: torch.Tensor | None = None  # target logits after the last cached token
+        self._reselect = True  # rebuild the retrieval selection at the next catch-up (new question)
+
+    @property
+    def max_context(self) -> int:
+        return self.target.cfg.max_position_embeddings
+
+    def extend(self, tokens: list[int]) -> None:
+        """Append tokens (a prompt or a new turn) and prefill them now."""
+        self.context.extend(tokens)
+        self._reselect = True
+        self._catch_up()
+
+    def truncate(self, length: int) -> None:
+        """Drop the context after `length` tokens (e.g. /reset back to the document)."""
+        self.context = self.context[:length]
+        self.full.truncate(min(self.full.length, max(length - 1, 0)))
+        self._logits = None
+        self._reselect = True
+
+    def _catch_up(self) -> None:
+        """Feed the context tokens the full cache lacks; refresh L2 and L1 to match."""
+        todo = self.context[self.full.length:]
+        if not todo:
+            return
+        dev = self.target.device
+        t0 = time.perf_counter()
+        done = 0
+        try:
+            for start in range(0, len(todo), PREFILL_CHUNK):
+                chunk = todo[start:start + PREFILL_CHUNK]
+                self._logits = self.target(torch.tensor(chunk, device=dev), self.full, last_only=True)[-1]
+                done += len(chunk)
+                if self.progress:
+                    self.progress(done, len(todo))
+        except BaseException:
+            self._logits = None
+            raise
+        finally:
+            self.stats.prefilled_tokens += done
+            self.stats.prefills += 1
+            self.stats.time["prefill"] += time.perf_counter() - t0
+        if self.retrieval is not None:
+            if self._reselect or self.retrieval.length < self.retrieval.base:
+                self.retrieval.build(self.full, self.full.length, [q[:, -1] for q in self.full.recent_queries])
+                self.stats.retrieval_builds += 1
+                self._reselect = False
+            else:
+                self.retrieval.write_rows(self.full, min(self.retrieval.length, self.full.length), self.full.length)
+
+    def _restore(self) -> None:
+        """After an interruption: keep only cache rows that match committed context tokens."""
+        self.full.truncate(min(self.full.length, max(len(self.context) - 1, 0)))
+        self._logits = None
+        if self.retrieval is not None:
+            self._reselect = True
+        if self.l1 is not None:
+            self.l1.reset(self.context)
+
+    def generate(self, max_new_tokens: int, on_tokens: TokenCallback | None = None) -> GenerationResult:
+        """Continue the context by up to max_new_tokens (stopping after an EOS id)."""
+        from .errors import UserError
+
+        if max_new_tokens <= 0:
+            raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+        if not self.context:
+            raise UserError("the prompt is empty")
+        if len(self.context) + max_new_tokens > self.max_context:
+            raise UserError(f"context of {len(self.context)} tokens + {max_new_tokens} new tokens exceeds the model's "
+                            f"context of {self.max_context} tokens (max_position_embeddings) by "
+                            f"{len(self.context) + max_new_tokens - self.max_context}")
+        before = dict(vars(self.stats), time=dict(self.stats.time))
+        out: list[int] = []
+        t0 = time.perf_counter()
+        try:
+            if self._logits is None or self.full.length < len(self.context):
+                self._catch_up()
+            t1 = time.perf_counter()
+            first = int(sample(probabilities(self._logits, self.params), self.generator))
+            self._emit([first], out, on_tokens, max_new_tokens)
+            while out[-1] not in self.eos_ids and len(out) < max_new_tokens:
+                if self.mode == "autoregressive":
+                    self._autoregressive_step(out, on_tokens, max_new_tokens)
+                else:
+                    self._round(out, on_tokens, max_new_tokens)
+        except KeyboardInterrupt:
+            self._restore()
+            raise
+        finally:
+            self._logits = None if self.full.length < len(self.context) else self._logits
+        return GenerationResult(out, self._result_stats(before, out, t0, t1))
+
+    def _emit(self, block: list[int], out: list[int], on_tokens: TokenCallback | None, max_new: int) -> None:
+        take = block[: stop_index(block, self.eos_ids, max_new - len(out))]
+        self.context.extend(take)
+        out.extend(take)
+        if on_tokens:
+            on_tokens(take)
+
+    def _autoregressive_step(self, out: list[int], on_tokens: TokenCallback | None, max_new: int) -> None:
+        with _Timer(self.stats, "l3"):
+            logits = self.target(torch.tensor(out[-1:], device=self.target.device), self.full)
+        self.stats.l3_passes += 1
+        self.stats.emitted_in_rounds += 1
+        self._emit([int(sample(probabilities(logits[-1], self.params), self.generator))], out, on_tokens, max_new)
+
+    def _round(self, out: list[int], on_tokens: TokenCallback | None, max_new: int) -> None:
+        """One TriForce round: L2 (helped by L1) drafts gamma tokens, one L3 pass verifies them."""
+        assert self.retrieval is not None
+        gamma = min(self.settings.gamma, max_new - len(out) - 1)
+        base = self.full.length  # == retrieval.length: every context token but the newest
+        with _Timer(self.stats, "l2"):
+            drafted, q = self._draft_l2(gamma)
+        with _Timer(self.stats, "l3"):
+            tokens = torch.tensor(self.context[-1:] + drafted, device=self.target.device)
+            p = probabilities(self.target(tokens, self.full), self.params)
+            n, nxt = verify(drafted, q, p, self.generator)
+        self.stats.l3_passes += 1
+        self.stats.l3_proposed += len(drafted)
+        self.stats.l3_accepted += n
+        self.stats.emitted_in_rounds += n + 1
+        self.full.truncate(base + 1 + n)
+        self.retrieval.write_rows(self.full, base, base + 1 + n)  # the L3 pass computed the true K/V of these rows
+        if self.settings.refresh_every and self.stats.l3_passes % self.settings.refresh_every == 0:
+            self.retrieval.build(self.full, self.full.length, [rows[:, n] for rows in self.full.recent_queries])
+            self.stats.retrieval_builds += 1
+        self._emit(drafted[:n] + [nxt], out, on_tokens, max_new)
+
+    def _draft_l2(self, gamma: int) -> tuple[list[int], torch.Tensor]:
+        """gamma tokens sampled (losslessly) from L2, and L2's distribution at each, [gamma, V]."""
+        retrieval, dev = self.retrieval, self.target.device
+        tokens: list[int] = []
+        dists: list[torch.Tensor] = []
+        last = self.context[-1]  # next token to feed L2; the retrieval cache holds everything before it
+        while len(tokens) < gamma:
+            if self.l1 is None:
+                logits = self.target(torch.tensor([last], device=dev), retrieval)
+                self.stats.l2_forwards += 1
+                dist = probabilities(logits[-1], self.params)
+                last = int(sample(dist, self.generator))
+                tokens.append(last)
+                dists.append(dist)
+                continue
+            with _Timer(self.stats, "l1"):
+                proposals, q1 = self.l1.propose(self.context + tokens, min(self.settings.draft_gamma, gamma - len(tokens)))
+            start = retrieval.length
+            q2 = probabilities(self.target(torch.tensor([last] + proposals, device=dev), retrieval), self.params)
+            self.stats.l2_forwards += 1
+            m, nxt = verify(proposals, q1, q2, self.generator)
+            self.stats.l1_proposed += len(proposals)
+            self.stats.l1_accepted += m
+            retrieval.truncate(start + 1 + m)
+            tokens.extend(proposals[:m] + [nxt])
+            dists.extend(q2[: m + 1])
+            last = nxt
+        if not dists:
+            return [], torch.empty(0, self.target.cfg.vocab_size, device=dev)
+        return tokens[:gamma], torch.stack(dists[:gamma])
+
+    def _result_stats(self, before: dict, out: list[int], t0: float, t1: float) -> dict:
+        """Statistics of this generate call (counters are differences against `before`)."""
+        now = time.perf_counter()
+        delta = Stats()
+        for key, value in vars(self.stats).items():
+            if key == "time":
+                delta.time = {k: v - before["time"][k] for k, v in value.items()}
+            else:
+                setattr(delta, key, value - before[key])
+        stats = {
+            "mode": self.mode,
+            "levels": (3 if self.l1 else 2) if self.mode == "triforce" else 1,
+            "prompt_tokens": len(self.context) - len(out),
+            "new_tokens": len(out),
+            "prefill_s": delta.time["prefill"],
+            "decode_s": now - t1,
+            "decode_tokens_per_s": len(out) / (now - t1) if now > t1 else None,
+            "context_tokens": len(self.context),
+            "retrieval_rows": self.retrieval.selected if self.retrieval else None,
+            "draft_evicted_rows": self.l1.cache.evicted if self.l1 else 0,
+        }
+        stats.update(delta.as_dict())
+        if self.mode == "autoregressive":
+            for key in ("mean_accepted_per_pass", "l3_acceptance_of_l2", "l2_acceptance_of_l1"):
+                stats[key] = None
+            stats["target_forwards"] = delta.l3_passes + delta.prefills
+        return stats
+
+
 def generate_triforce(
     target: CausalLM,
     draft: CausalLM | None,
@@ -147,87 +381,9 @@ def generate_triforce(
     generator: torch.Generator | None = None,
     on_tokens: TokenCallback | None = None,
 ) -> GenerationResult:
+    """Single-shot TriForce generation for one prompt."""
     check_request(target, len(prompt_ids), max_new_tokens)
-    stats = Stats()
-    dev = target.device
-    n_prompt = len(prompt_ids)
-    t0 = time.perf_counter()
-    full = FullCache(target.cfg, dev, target.dtype, capacity=n_prompt + max_new_tokens + settings.gamma + 1)
-    logits = target(torch.tensor(prompt_ids, device=dev), full, last_only=True)
-    retrieval = RetrievalCache(target.cfg, dev, target.dtype, settings.budget, settings.chunk_size)
-    retrieval.build(full, n_prompt, [q[:, -1] for q in full.recent_queries])
-    l1 = DraftLevel(draft, settings, params, generator, stats) if draft is not None else None
-    if l1:
-        l1.prefill(prompt_ids)
-    t_prefill = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    out = [int(sample(probabilities(logits[-1], params), generator))]
-    if on_tokens:
-        on_tokens(out[:])
-    while out[-1] not in eos_ids and len(out) < max_new_tokens:
-        gamma = min(settings.gamma, max_new_tokens - len(out) - 1)
-        base = full.length  # == retrieval.length: every committed token but out[-1]
-        with _Timer(stats, "l2"):
-            drafted, q = _draft_l2(target, retrieval, l1, out, gamma, params, generator, stats)
-        with _Timer(stats, "l3"):
-            p = probabilities(target(torch.tensor([out[-1]] + drafted, device=dev), full), params)
-            n, nxt = verify(drafted, q, p, generator)
-        stats.l3_passes += 1
-        stats.l3_proposed += len(drafted)
-        stats.l3_accepted += n
-        full.truncate(base + 1 + n)
-        retrieval.write_rows(full, base, base + 1 + n)  # the L3 pass computed the true K/V of these rows
-        if settings.refresh_every and stats.l3_passes % settings.refresh_every == 0:
-            retrieval.build(full, n_prompt, [q_rows[:, n] for q_rows in full.recent_queries])
-        block = drafted[:n] + [nxt]
-        take = stop_index(block, eos_ids, max_new_tokens - len(out))
-        stats.emitted_in_rounds += len(block)
-        out.extend(block[:take])
-        if on_tokens:
-            on_tokens(block[:take])
-    t_decode = time.perf_counter() - t1
-    result = {
-        "mode": "triforce",
-        "levels": 3 if draft is not None else 2,
-        "prompt_tokens": n_prompt,
-        "new_tokens": len(out),
-        "prefill_s": t_prefill,
-        "decode_s": t_decode,
-        "decode_tokens_per_s": len(out) / t_decode if t_decode > 0 else None,
-        "retrieval_rows": retrieval.selected,
-        "draft_evicted_rows": l1.cache.evicted if l1 else 0,
-    }
-    result.update(stats.as_dict())
-    return GenerationResult(out, result)
-
-
-def _draft_l2(target: CausalLM, retrieval: RetrievalCache, l1: DraftLevel | None, out: list[int], gamma: int,
-              params: SamplingParams, generator: torch.Generator | None, stats: Stats) -> tuple[list[int], torch.Tensor]:
-    """gamma tokens sampled (losslessly) from L2 and L2's distribution at each, [gamma, V]."""
-    dev = target.device
-    tokens: list[int] = []
-    dists: list[torch.Tensor] = []
-    last = out[-1]  # next token to feed L2; the retrieval cache holds everything before it
-    while len(tokens) < gamma:
-        if l1 is None:
-            logits = target(torch.tensor([last], device=dev), retrieval)
-            stats.l2_forwards += 1
-            dist = probabilities(logits[-1], params)
-            last = int(sample(dist, generator))
-            tokens.append(last)
-            dists.append(dist)
-            continue
-        with _Timer(stats, "l1"):
-            proposals, q1 = l1.propose(out + tokens, min(l1.settings.draft_gamma, gamma - len(tokens)))
-        start = retrieval.length
-        q2 = probabilities(target(torch.tensor([last] + proposals, device=dev), retrieval), params)
-        stats.l2_forwards += 1
-        m, nxt = verify(proposals, q1, q2, generator)
-        stats.l1_proposed += len(proposals)
-        stats.l1_accepted += m
-        retrieval.truncate(start + 1 + m)
-        tokens.extend(proposals[:m] + [nxt])
-        dists.extend(q2[: m + 1])
-        last = nxt
-    return tokens[:gamma], torch.stack(dists[:gamma]) if dists else torch.empty(0, target.cfg.vocab_size, device=dev)
+    session = Session(target, draft, params, eos_ids, settings, generator, "triforce",
+                      capacity=len(prompt_ids) + max_new_tokens + settings.gamma + 1)
+    session.extend(prompt_ids)
+    return session.generate(max_new_tokens, on_tokens)
