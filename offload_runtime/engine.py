@@ -184,6 +184,10 @@ class Session:
             if draft is not None and mode == "triforce" else None
         self._logits: torch.Tensor | None = None  # target logits after the last cached token
         self._reselect = True  # rebuild the retrieval selection at the next catch-up (new question)
+        self._mark = self._snapshot()  # counters at the end of the previous answer
+
+    def _snapshot(self) -> dict:
+        return dict(vars(self.stats), time=dict(self.stats.time))
 
     @property
     def max_context(self) -> int:
@@ -253,9 +257,7 @@ class Session:
             raise UserError(f"context of {len(self.context)} tokens + {max_new_tokens} new tokens exceeds the model's "
                             f"context of {self.max_context} tokens (max_position_embeddings) by "
                             f"{len(self.context) + max_new_tokens - self.max_context}")
-        before = dict(vars(self.stats), time=dict(self.stats.time))
         out: list[int] = []
-        t0 = time.perf_counter()
         try:
             if self._logits is None or self.full.length < len(self.context):
                 self._catch_up()
@@ -272,7 +274,8 @@ class Session:
             raise
         finally:
             self._logits = None if self.full.length < len(self.context) else self._logits
-        return GenerationResult(out, self._result_stats(before, out, t0, t1))
+        before, self._mark = self._mark, self._snapshot()
+        return GenerationResult(out, self._result_stats(before, out, t1))
 
     def _emit(self, block: list[int], out: list[int], on_tokens: TokenCallback | None, max_new: int) -> None:
         take = block[: stop_index(block, self.eos_ids, max_new - len(out))]
@@ -341,8 +344,8 @@ class Session:
             return [], torch.empty(0, self.target.cfg.vocab_size, device=dev)
         return tokens[:gamma], torch.stack(dists[:gamma])
 
-    def _result_stats(self, before: dict, out: list[int], t0: float, t1: float) -> dict:
-        """Statistics of this generate call (counters are differences against `before`)."""
+    def _result_stats(self, before: dict, out: list[int], t1: float) -> dict:
+        """Statistics of this answer, its prefill included (counters are differences against `before`)."""
         now = time.perf_counter()
         delta = Stats()
         for key, value in vars(self.stats).items():

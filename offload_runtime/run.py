@@ -78,7 +78,7 @@ def prompt_text(args: argparse.Namespace) -> str:
         raise UserError("give --prompt or --prompt-file, not both")
     prompt = read_text(args.prompt_file, "prompt file") if args.prompt_file else args.prompt
     if prompt is None:
-        raise UserError("--prompt or --prompt-file is required with --model")
+        raise UserError("--prompt or --prompt-file is required with --model (or use --chat)")
     if args.context_file:
         prompt = read_text(args.context_file, "context file") + "\n\n" + prompt
     return prompt
@@ -97,10 +97,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--budget {args.budget} must hold at least 2 chunks of --chunk-size {args.chunk_size}")
     if args.sinks < 0 or args.window <= args.sinks:
         raise UserError(f"--window {args.window} must be larger than --sinks {args.sinks} (>= 0)")
+    engine_settings(args)  # raises on inconsistent engine flags
     if args.on_chip_layers is not None:
         raise UserError("--on-chip-layers needs the host-resident cache, which is not built yet")
-    if args.chat:
-        raise UserError("--chat is not built yet")
 
 
 def pick_device(name: str) -> Any:
@@ -113,34 +112,45 @@ def pick_device(name: str) -> Any:
     return torch.device(name)
 
 
-def generate_once(args: argparse.Namespace) -> dict:
-    import torch
-
+def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The target (with tokenizer) and the optional draft, checked for a shared vocabulary."""
     from . import loading
-    from .generate import generate_autoregressive
-    from .sampling import SamplingParams
+    from .engine import check_same_vocabulary
 
     device = pick_device(args.device)
     target = loading.load(args.model, device, args.dtype)
+    draft = None
+    if args.draft and args.mode == "triforce":
+        draft = loading.load(args.draft, device, args.dtype)
+        check_same_vocabulary(target, draft)
+    return target, draft
+
+
+def engine_settings(args: argparse.Namespace) -> Any:
+    from .engine import EngineSettings
+
+    return EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=args.gamma,
+                          draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window)
+
+
+def generate_once(args: argparse.Namespace, prompt: str, target: Any, draft: Any) -> dict:
+    import torch
+
+    from .console import TextStreamer
+    from .engine import generate_triforce
+    from .generate import generate_autoregressive
+    from .sampling import SamplingParams
+
     params = SamplingParams(args.temperature, args.top_p)
-    prompt_ids = target.tokenizer(prompt_text(args))["input_ids"]
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    stream = None if args.json else _Streamer(target.tokenizer)
+    prompt_ids = target.tokenizer(prompt)["input_ids"]
+    generator = torch.Generator(device=target.model.device).manual_seed(args.seed)
+    stream = None if args.json else TextStreamer(target.tokenizer)
     if args.mode == "autoregressive":
         result = generate_autoregressive(target.model, prompt_ids, args.max_new_tokens, params,
                                          target.eos_ids, generator, on_tokens=stream)
     else:
-        from .engine import EngineSettings, generate_triforce
-
-        draft = loading.load(args.draft, device, args.dtype) if args.draft else None
-        if draft is not None:
-            from .engine import check_same_vocabulary
-
-            check_same_vocabulary(target, draft)
-        settings = EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=args.gamma,
-                                  draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window)
         result = generate_triforce(target.model, draft.model if draft else None, prompt_ids,
-                                   args.max_new_tokens, params, target.eos_ids, settings, generator,
+                                   args.max_new_tokens, params, target.eos_ids, engine_settings(args), generator,
                                    on_tokens=stream)
     if stream:
         stream.finish()
@@ -148,24 +158,28 @@ def generate_once(args: argparse.Namespace) -> dict:
     return {"text": text, "token_ids": result.token_ids, "prompt_tokens": len(prompt_ids), "stats": result.stats}
 
 
-class _Streamer:
-    """Prints decoded text as tokens are accepted (decoding the whole answer so merges come out right)."""
+def chat(args: argparse.Namespace, target: Any, draft: Any) -> int:
+    import torch
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+    from .chat import ChatSession, run_chat
+    from .console import PrefillProgress
+    from .engine import Session
+    from .sampling import SamplingParams
 
-    def __call__(self, tokens: list[int]) -> None:
-        self.ids.extend(tokens)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
-            return
-        sys.stdout.write(text[self.printed:])
-        sys.stdout.flush()
-        self.printed = len(text)
-
-    def finish(self) -> None:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+    document = read_text(args.context_file, "context file") if args.context_file else None
+    first = read_text(args.prompt_file, "prompt file") if args.prompt_file else args.prompt
+    generator = torch.Generator(device=target.model.device).manual_seed(args.seed)
+    session = Session(target.model, draft.model if draft else None, SamplingParams(args.temperature, args.top_p),
+                      target.eos_ids, engine_settings(args), generator, args.mode)
+    progress = PrefillProgress()
+    try:
+        conversation = ChatSession(session, target.tokenizer, document, args.max_new_tokens, progress)
+    except KeyboardInterrupt:
+        print("interrupted while reading the document", file=sys.stderr)
+        return 130
+    finally:
+        progress.close()
+    return run_chat(conversation, args.json, first)
 
 
 def summary_line(stats: dict) -> str:
@@ -189,7 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args)
-        out = generate_once(args)
+        prompt = None if args.chat else prompt_text(args)  # file errors before the slow model load
+        target, draft = load_models(args)
+        if args.chat:
+            return chat(args, target, draft)
+        out = generate_once(args, prompt, target, draft)
         if args.json:
             print(json.dumps(out))
         else:
