@@ -189,6 +189,16 @@ class Session:
     def _snapshot(self) -> dict:
         return dict(vars(self.stats), time=dict(self.stats.time))
 
+    def use(self, mode: Literal["triforce", "autoregressive"], draft: CausalLM | None = None) -> None:
+        """Switch how the next answers are generated; the caches stay (a benchmark prefills once)."""
+        t = self.target
+        self.mode = mode
+        if mode == "triforce" and self.retrieval is None:
+            self.retrieval = RetrievalCache(t.cfg, t.device, t.dtype, self.settings.budget, self.settings.chunk_size)
+            self._reselect = True
+        self.l1 = DraftLevel(draft, self.settings, self.params, self.generator, self.stats) \
+            if draft is not None and mode == "triforce" else None
+
     @property
     def max_context(self) -> int:
         return self.target.cfg.max_position_embeddings

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -166,6 +167,8 @@ def chat(args: argparse.Namespace, target: Any, draft: Any) -> int:
     from .engine import Session
     from .sampling import SamplingParams
 
+    # Ctrl-C must reach us as KeyboardInterrupt even when started with SIGINT ignored (e.g. a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     document = read_text(args.context_file, "context file") if args.context_file else None
     first = read_text(args.prompt_file, "prompt file") if args.prompt_file else args.prompt
     generator = torch.Generator(device=target.model.device).manual_seed(args.seed)

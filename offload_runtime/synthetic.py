@@ -61,15 +61,17 @@ def hf_config(model_type: str, vocab_size: int, **overrides: Any) -> Any:
 
 
 def randomize(model: torch.nn.Module, std: float = 0.15, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, device=device)
             if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(1.0 + 0.1 * noise)
             elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(0.1 * noise)
             else:
-                p.copy_(std * torch.randn(p.shape, generator=gen))
+                p.copy_(std * noise)
 
 
 def make_checkpoint(

@@ -1,0 +1,5 @@
+import sys
+
+from .offload_bench import main
+
+sys.exit(main())

@@ -1,0 +1,321 @@
+"""Offloading throughput benchmark: where every second and byte goes, against baselines.
+
+For each context length it times, on the same weights and the same prompt:
+  1. our autoregressive decoding over the (offloaded, where built) full cache,
+  2. transformers' own generate (offloaded cache on CUDA, its default cache on CPU),
+  3. our engine, two levels (no draft) and three levels (with a small draft).
+Our three runs share one prefill (the caches are the same); transformers prefills on its own.
+Decode seconds/token are measured between the first and last emitted token, after
+warm-up emissions. Results go to bench/results/*.json, a markdown table and a PNG plot.
+Random weights make acceptance meaningless: it is reported as measured, and projections
+use --assume-accepted-per-pass when given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import cost_model
+from .models import DRAFTS, SHAPES, build_pair, parameter_count
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WARMUP_EMISSIONS = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--synthetic", default="small", choices=sorted(SHAPES), help="synthetic Llama-shaped target")
+    p.add_argument("--contexts", default="1024,4096", help="comma-separated context lengths (tokens)")
+    p.add_argument("--new-tokens", type=int, default=24, help="tokens generated per run")
+    p.add_argument("--repeats", type=int, default=1, help="runs per system and context (median reported)")
+    p.add_argument("--budget", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=8)
+    p.add_argument("--gamma", type=int, default=6)
+    p.add_argument("--draft-gamma", type=int, default=4)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="CUDA: cap this process's GPU memory (emulates a smaller card, e.g. 24)")
+    p.add_argument("--skip-transformers", action="store_true", help="do not time transformers' generate")
+    p.add_argument("--assume-accepted-per-pass", type=float, default=None,
+                   help="tokens accepted per L3 pass to use in projections (random weights accept ~1)")
+    p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG")
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    return p.parse_args(argv)
+
+
+class EmissionClock:
+    """Timestamps each emission (a block of tokens) of a generation."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.events: list[tuple[float, int]] = []
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.events.append((time.perf_counter(), len(tokens)))
+
+    def decode_s_per_token(self) -> float | None:
+        ev = self.events[WARMUP_EMISSIONS:] if len(self.events) > WARMUP_EMISSIONS + 1 else self.events
+        if len(ev) < 2:
+            return None
+        tokens = sum(n for _, n in ev[1:])
+        return (ev[-1][0] - ev[0][0]) / tokens
+
+
+class HFClock(EmissionClock):
+    """The same clock as a transformers streamer (its first put() is the prompt)."""
+
+    def put(self, value: torch.Tensor) -> None:
+        if not hasattr(self, "seen_prompt"):
+            self.seen_prompt = True
+            return
+        self(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_ours(session: Any, mode: str, draft: Any, prompt_len: int, new_tokens: int) -> tuple[dict, list[int]]:
+    from offload_runtime.engine import Session  # noqa: F401  (documentation of the type)
+
+    session.truncate(prompt_len)
+    session.use(mode, draft)
+    clock = EmissionClock()
+    result = session.generate(new_tokens, clock)
+    stats = dict(result.stats)
+    stats["decode_s_per_token"] = clock.decode_s_per_token()
+    return stats, result.token_ids
+
+
+def run_transformers(hf: Any, prompt: list[int], new_tokens: int, device: torch.device) -> tuple[dict, list[int]]:
+    ids = torch.tensor([prompt], device=device)
+    kwargs: dict[str, Any] = {"cache_implementation": "offloaded"} if device.type == "cuda" else {}
+    clock = HFClock()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, streamer=clock, pad_token_id=0, **kwargs)
+    sync(device)
+    first = clock.events[0][0] if clock.events else time.perf_counter()
+    return {"mode": "transformers", "prefill_s": first - t0, "decode_s_per_token": clock.decode_s_per_token(),
+            "cache": kwargs.get("cache_implementation", "dynamic")}, out[0, len(prompt):].tolist()
+
+
+def phase_costs(stats: dict) -> dict:
+    """Per-phase seconds from an engine run's counters (L2 time includes the L1 steps it drives)."""
+    l3 = stats["time_l3_s"] / stats["l3_passes"] if stats.get("l3_passes") else None
+    l2 = (stats["time_l2_s"] - stats["time_l1_s"]) / stats["l2_forwards"] if stats.get("l2_forwards") else None
+    l1 = stats["time_l1_s"] / stats["l1_forwards"] if stats.get("l1_forwards") else None
+    return {"l1_step_s": l1, "l2_step_s": l2, "l3_pass_s": l3}
+
+
+def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, context: int,
+                  device: torch.device) -> list[dict]:
+    from offload_runtime.engine import EngineSettings, Session
+    from offload_runtime.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(context)
+    prompt = torch.randint(0, target.cfg.vocab_size, (context,), generator=gen).tolist()
+    settings = EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=args.gamma,
+                              draft_gamma=args.draft_gamma)
+    rows: list[dict] = []
+    runs: dict[str, list[tuple[dict, list[int]]]] = {}
+    for rep in range(args.repeats):
+        session = Session(target, None, SamplingParams(0.0), [], settings, None, "autoregressive",
+                          capacity=context + args.new_tokens + args.gamma + 1)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        session.extend(prompt)
+        sync(device)
+        prefill_s = time.perf_counter() - t0
+        print(f"  context {context}: our prefill {prefill_s:.2f}s", file=sys.stderr)
+        for name, mode, d in [("ours autoregressive", "autoregressive", None),
+                              ("ours triforce 2-level", "triforce", None),
+                              ("ours triforce 3-level", "triforce", draft)]:
+            stats, tokens = run_ours(session, mode, d, context, args.new_tokens)
+            stats["prefill_s"] = prefill_s
+            if device.type == "cuda":
+                stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            runs.setdefault(name, []).append((stats, tokens))
+            print(f"  context {context}: {name}: {stats['decode_s_per_token']:.4f} s/token", file=sys.stderr)
+        del session
+        if not args.skip_transformers:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            stats, tokens = run_transformers(hf, prompt, args.new_tokens, device)
+            if device.type == "cuda":
+                stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            runs.setdefault("transformers generate", []).append((stats, tokens))
+            print(f"  context {context}: transformers: {stats['decode_s_per_token']:.4f} s/token", file=sys.stderr)
+    reference = runs["ours autoregressive"][0][1]
+    for name, results in runs.items():
+        stats = dict(results[0][0])
+        stats["decode_s_per_token"] = statistics.median(r[0]["decode_s_per_token"] for r in results)
+        stats["prefill_s"] = statistics.median(r[0]["prefill_s"] for r in results)
+        rows.append({
+            "system": name, "context": context, "new_tokens": args.new_tokens,
+            "prefill_s": stats["prefill_s"], "decode_s_per_token": stats["decode_s_per_token"],
+            "mean_accepted_per_pass": stats.get("mean_accepted_per_pass"),
+            "l2_acceptance_of_l1": stats.get("l2_acceptance_of_l1"),
+            "l3_acceptance_of_l2": stats.get("l3_acceptance_of_l2"),
+            "h2d_bytes_per_token": stats.get("h2d_bytes_per_token"),
+            "achieved_gb_per_s": stats.get("achieved_gb_per_s"),
+            "link_fraction": stats.get("link_fraction"),
+            "peak_gpu_gib": stats.get("peak_gpu_gib"),
+            "pinned_host_gib": stats.get("pinned_host_gib"),
+            "identical_to_ours_autoregressive": results[0][1] == reference,
+            "phase_costs": phase_costs(stats) if name.startswith("ours triforce") else None,
+            "raw_stats": stats,
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def fmt(x: Any, spec: str = ".4f") -> str:
+        return "n/a" if x is None else (f"{x:{spec}}" if isinstance(x, float) else str(x))
+
+    lines = ["| system | context | prefill s | decode s/token | tok/L3 pass | L2 acc. of L1 | H2D B/token | GB/s | "
+             "same tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['system']} | {r['context']} | {fmt(r['prefill_s'], '.2f')} | "
+                     f"{fmt(r['decode_s_per_token'])} | {fmt(r['mean_accepted_per_pass'], '.2f')} | "
+                     f"{fmt(r['l2_acceptance_of_l1'], '.2f')} | {fmt(r['h2d_bytes_per_token'], '.3g')} | "
+                     f"{fmt(r['achieved_gb_per_s'], '.2f')} | {'yes' if r['identical_to_ours_autoregressive'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def projections(rows: list[dict], args: argparse.Namespace) -> dict:
+    tri3 = [r for r in rows if r["system"] == "ours triforce 3-level"]
+    tri2 = [r for r in rows if r["system"] == "ours triforce 2-level"]
+    measured = tri3[-1]["raw_stats"] if tri3 else None
+    out: dict[str, Any] = {"published_triforce": cost_model.PUBLISHED, "card": asdict(cost_model.RTX_4090)}
+    if measured and measured.get("l3_passes"):
+        per_pass = {"l2": measured["l2_forwards"] / measured["l3_passes"],
+                    "l1": measured["l1_forwards"] / measured["l3_passes"]}
+        accepted = args.assume_accepted_per_pass or measured["mean_accepted_per_pass"]
+        out["accepted_per_pass_used"] = accepted
+        out["accepted_per_pass_source"] = "assumed (--assume-accepted-per-pass)" if args.assume_accepted_per_pass \
+            else "measured on random weights (meaningless for a trained model pair)"
+        out["steps_per_pass"] = per_pass
+        out["rows"] = cost_model.project(accepted, per_pass["l2"], per_pass["l1"], budget=4096)
+        # this machine: measured phase costs -> s/token implied by the cost model, per context
+        out["this_machine"] = []
+        for r2, r3 in zip(tri2, tri3):
+            pc = r3["phase_costs"]
+            if None in pc.values():
+                continue
+            costs = cost_model.PhaseCosts(**pc)
+            out["this_machine"].append({"context": r3["context"], "phase_costs": pc,
+                                        "implied_s_per_token": cost_model.seconds_per_token(
+                                            costs, accepted, per_pass["l2"], per_pass["l1"]),
+                                        "measured_s_per_token": r3["decode_s_per_token"]})
+    return out
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        pts = [(r["context"], r["decode_s_per_token"]) for r in rows if r["system"] == system and r["decode_s_per_token"]]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode seconds / token")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_info(device: torch.device) -> dict:
+    import transformers
+
+    info = {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
+            "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if device.type == "cuda" and args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib / total))
+    contexts = [int(c) for c in args.contexts.split(",")]
+    shape = SHAPES[args.synthetic]
+    print(f"bench: synthetic {args.synthetic} target ({parameter_count(shape) / 1e6:.0f}M parameters, RANDOM weights), "
+          f"{device}, {dtype}, contexts {contexts}", file=sys.stderr)
+    hf, target = build_pair(shape, device, dtype)
+    _, draft = build_pair(DRAFTS["tiny" if args.synthetic == "tiny" else "default"], device, dtype, seed=1,
+                          vocab=shape.vocab)
+    rows: list[dict] = []
+    for context in contexts:
+        rows.extend(bench_context(args, hf, target, draft, context, device))
+    result = {"benchmark": "offload_bench", "machine": machine_info(device), "model": args.synthetic,
+              "parameters": parameter_count(shape), "dtype": str(dtype), "settings": vars(args), "rows": rows,
+              "note": "random weights: acceptance rates are not those of a trained model pair",
+              "projections": projections(rows, args)}
+    ratio = [(r["context"], r["decode_s_per_token"]) for r in rows]
+    ours_ar = {c: s for (c, s), r in zip(ratio, rows) if r["system"] == "ours autoregressive"}
+    hf_ar = {c: s for (c, s), r in zip(ratio, rows) if r["system"] == "transformers generate"}
+    result["ours_ar_over_transformers"] = {c: ours_ar[c] / hf_ar[c] for c in ours_ar if c in hf_ar and hf_ar[c]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"offload_bench_{device.type}_{args.synthetic}{'_' + args.tag if args.tag else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    plot(rows, out / f"{stem}.png", f"{args.synthetic} synthetic, {machine_info(device).get('gpu', 'CPU')}")
+    print(markdown_table(rows))
+    print_projections(result)
+    print(f"\nwrote {out / (stem + '.json')} and {stem}.png", file=sys.stderr)
+    return 0
+
+
+def print_projections(result: dict) -> None:
+    ratios = result["ours_ar_over_transformers"]
+    if ratios:
+        print("\nours autoregressive / transformers generate, decode s/token (lower is better for us): "
+              + ", ".join(f"{c}: {r:.2f}" for c, r in ratios.items()))
+    proj = result["projections"]
+    for row in proj.get("this_machine", []):
+        pc = row["phase_costs"]
+        print(f"this machine, context {row['context']}: L1 step {pc['l1_step_s'] * 1e3:.2f} ms, L2 step "
+              f"{pc['l2_step_s'] * 1e3:.2f} ms, L3 pass {pc['l3_pass_s'] * 1e3:.2f} ms -> cost model "
+              f"{row['implied_s_per_token']:.4f} s/token (measured {row['measured_s_per_token']:.4f})")
+    if "rows" not in proj:
+        return
+    print(f"\nPROJECTIONS (roofline of {proj['card']['name']}, not measurements), accepted per pass "
+          f"{proj['accepted_per_pass_used']:.2f} [{proj['accepted_per_pass_source']}]")
+    print("| model | cards | context | KV GiB | autoregressive s/token | TriForce s/token |\n|---|---|---|---|---|---|")
+    for r in proj["rows"]:
+        print(f"| {r['model']} | {r['cards']} | {r['context']} | {r['kv_cache_gib']:.1f} | "
+              f"{r['autoregressive_s_per_token']:.3f} | {r['triforce_s_per_token']:.3f} |")
+    print("published TriForce (Llama2-7B-128K, 128K): " + "; ".join(
+        f"{p['setup']}: {p['s_per_token']} s/token" for p in proj["published_triforce"]))

@@ -1,0 +1,42 @@
+"""The offloading benchmark on a tiny configuration, and the cost model's arithmetic."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import cost_model
+from bench.offload_bench import main
+
+
+def test_tiny_benchmark_writes_json_table_and_plot(tmp_path, capsys):
+    assert main(["--synthetic", "tiny", "--contexts", "96,160", "--new-tokens", "8", "--budget", "32",
+                 "--out", str(tmp_path), "--assume-accepted-per-pass", "4"]) == 0
+    result = json.loads((tmp_path / "offload_bench_cpu_tiny.json").read_text())
+    assert (tmp_path / "offload_bench_cpu_tiny.png").stat().st_size > 1000
+    systems = {r["system"] for r in result["rows"]}
+    assert systems == {"ours autoregressive", "ours triforce 2-level", "ours triforce 3-level", "transformers generate"}
+    for row in result["rows"]:
+        assert row["decode_s_per_token"] > 0 and row["prefill_s"] > 0
+        assert row["identical_to_ours_autoregressive"], row["system"]  # greedy, fp32: everyone agrees
+    assert set(result["ours_ar_over_transformers"]) == {"96", "160"}
+    assert result["machine"]["torch"] and result["machine"]["device"] == "cpu"
+    proj = result["projections"]
+    assert proj["accepted_per_pass_used"] == 4 and "assumed" in proj["accepted_per_pass_source"]
+    assert len(proj["rows"]) == 12 and len(proj["this_machine"]) == 2
+    out = capsys.readouterr().out
+    assert "| ours triforce 3-level | 160 |" in out and "PROJECTIONS" in out and "0.108" in out
+
+
+def test_cost_model_arithmetic():
+    costs = cost_model.PhaseCosts(l1_step_s=0.001, l2_step_s=0.01, l3_pass_s=1.0)
+    assert cost_model.seconds_per_token(costs, 5.0, 6, 12) == pytest.approx((1.0 + 0.06 + 0.012) / 5)
+    m = cost_model.LLAMA2_7B_128K
+    assert m.kv_bytes_per_token * 131072 == 64 * 2 ** 30  # the 64 GiB of DESIGN.md
+    one = cost_model.roofline_costs(m, 131072, 4096, n_cards=1)
+    two = cost_model.roofline_costs(m, 131072, 4096, n_cards=2)
+    assert one.l3_pass_s == pytest.approx(64 * 2 ** 30 / 25e9 + m.weight_bytes / (0.8 * 1008e9))
+    assert two.l3_pass_s == pytest.approx(one.l3_pass_s / 2)
+    rows = cost_model.project(8.0, 6, 12)
+    r = next(r for r in rows if r["model"] == m.name and r["cards"] == 1 and r["context"] == 131072)
+    assert r["triforce_s_per_token"] < r["autoregressive_s_per_token"] / 5
