@@ -60,8 +60,6 @@ def check_same_vocabulary(target: Any, draft: Any) -> None:
     sample_ids = list(range(0, n, step))
     if tt.convert_ids_to_tokens(sample_ids) != dt.convert_ids_to_tokens(sample_ids):
         raise UserError("draft and target tokenizers map the same ids to different tokens: vocabularies differ")
-    if abs(tv - dv) > 0 and min(tv, dv) < len(tt):
-        raise UserError(f"draft vocab_size {dv} and target vocab_size {tv} do not both cover the tokenizer")
 
 
 class Stats:
@@ -105,8 +103,9 @@ class DraftLevel:
     """
 
     def __init__(self, model: CausalLM, settings: EngineSettings, params: SamplingParams,
-                 generator: torch.Generator | None, stats: Stats) -> None:
+                 generator: torch.Generator | None, stats: Stats, target_vocab: int | None = None) -> None:
         self.model, self.settings, self.params, self.generator, self.stats = model, settings, params, generator, stats
+        self.target_vocab = target_vocab or model.cfg.vocab_size
         self.cache = StreamingCache(model.cfg, model.device, model.dtype, settings.sinks, settings.window, model.rope)
         self.base = 0
         self.consumed: list[int] = []
@@ -115,6 +114,16 @@ class DraftLevel:
         logits = self.model(torch.tensor(tokens, device=self.model.device), self.cache)
         self.stats.l1_forwards += 1
         return logits
+
+    def _fit_vocab(self, dist: torch.Tensor) -> torch.Tensor:
+        """Draft and target may pad their vocabularies differently: propose over the target's ids only."""
+        v = self.target_vocab
+        if dist.shape[-1] > v:
+            dist = dist[..., :v]
+            return dist / dist.sum(-1, keepdim=True)
+        if dist.shape[-1] < v:
+            return torch.nn.functional.pad(dist, (0, v - dist.shape[-1]))
+        return dist
 
     def reset(self, context: list[int]) -> None:
         """Feed context[:-1] as StreamingLLM keeps it: the sink tokens and the most recent window."""
@@ -132,8 +141,11 @@ class DraftLevel:
         if not tail:  # (only after a context shrink) re-prefill
             self.reset(context)
             tail = context[self.base:]
-        common = 0
+        # Committed tokens never change (a shrinking context resets the draft), so only the speculative
+        # tail of `consumed` can differ from the context: compare from there.
+        common = max(0, len(self.consumed) - 2 * (self.settings.gamma + self.settings.draft_gamma + 1))
         limit = min(len(self.consumed), len(tail) - 1)  # the last token must be fed to get a distribution
+        common = min(common, limit)
         while common < limit and self.consumed[common] == tail[common]:
             common += 1
         drop = len(self.consumed) - common
@@ -150,7 +162,7 @@ class DraftLevel:
         for _ in range(k):
             logits = self._forward(feed)
             self.consumed.extend(feed)
-            dist = probabilities(logits[-1], self.params)
+            dist = self._fit_vocab(probabilities(logits[-1], self.params))
             tok = int(sample(dist, self.generator))
             tokens.append(tok)
             dists.append(dist)
@@ -180,7 +192,7 @@ class Session:
         self.full = FullCache(target.cfg, target.device, target.dtype, capacity=capacity)
         self.retrieval = RetrievalCache(target.cfg, target.device, target.dtype, settings.budget, settings.chunk_size) \
             if mode == "triforce" else None
-        self.l1 = DraftLevel(draft, settings, params, generator, self.stats) \
+        self.l1 = DraftLevel(draft, settings, params, generator, self.stats, target.cfg.vocab_size) \
             if draft is not None and mode == "triforce" else None
         self._logits: torch.Tensor | None = None  # target logits after the last cached token
         self._reselect = True  # rebuild the retrieval selection at the next catch-up (new question)
@@ -196,7 +208,7 @@ class Session:
         if mode == "triforce" and self.retrieval is None:
             self.retrieval = RetrievalCache(t.cfg, t.device, t.dtype, self.settings.budget, self.settings.chunk_size)
             self._reselect = True
-        self.l1 = DraftLevel(draft, self.settings, self.params, self.generator, self.stats) \
+        self.l1 = DraftLevel(draft, self.settings, self.params, self.generator, self.stats, t.cfg.vocab_size) \
             if draft is not None and mode == "triforce" else None
 
     @property
@@ -215,6 +227,8 @@ class Session:
         self.full.truncate(min(self.full.length, max(length - 1, 0)))
         self._logits = None
         self._reselect = True
+        if self.l1 is not None:
+            self.l1.reset(self.context)
 
     def _catch_up(self) -> None:
         """Feed the context tokens the full cache lacks; refresh L2 and L1 to match."""

@@ -89,7 +89,8 @@ def make_checkpoint(
 
     dest = Path(dest)
     tokenizer = tokenizer if tokenizer is not None else train_tokenizer()
-    config = hf_config(model_type, len(tokenizer), **config_overrides)
+    vocab = config_overrides.pop("vocab_size", len(tokenizer))  # larger = padded embedding rows
+    config = hf_config(model_type, vocab, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     randomize(model, std, seed)

@@ -190,3 +190,16 @@ def test_cli_triforce_json_stats(checkpoint, capsys, tokenizer):
     for key in ("mean_accepted_per_pass", "l2_acceptance_of_l1", "l3_acceptance_of_l2", "time_l1_s", "time_l2_s",
                 "time_l3_s", "prefill_s", "decode_tokens_per_s"):
         assert stats[key] is not None, key
+
+
+def test_draft_with_padded_vocabulary(checkpoint, prompt_ids, tokenizer):
+    """Draft vocab_size larger than the target's (padding rows): proposals stay within the target's ids."""
+    target = load(checkpoint("llama"))
+    draft = load(checkpoint("llama", seed=4, vocab_size=len(tokenizer) + 16))
+    assert draft.cfg.vocab_size == target.cfg.vocab_size + 16
+    ar = generate_autoregressive(target, prompt_ids, 20, GREEDY, []).token_ids
+    s = EngineSettings(budget=48, chunk_size=8, gamma=3, draft_gamma=2, sinks=4, window=40)
+    assert generate_triforce(target, draft, prompt_ids, 20, GREEDY, [], s).token_ids == ar
+    sampled = generate_triforce(target, draft, prompt_ids, 20, SamplingParams(1.0), [], s,
+                                torch.Generator().manual_seed(0)).token_ids
+    assert max(sampled) < target.cfg.vocab_size
