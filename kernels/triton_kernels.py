@@ -11,6 +11,8 @@ share each K/V tile, so K/V are read once per KV head and never repeated per que
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +31,7 @@ def _attention_kernel(
     stride_qh, stride_qt, stride_qd,
     stride_kh, stride_kl, stride_kd,
     stride_vh, stride_vl, stride_vd,
-    stride_kph, stride_kpl,
+    stride_qp, stride_kph, stride_kpl,
     stride_os, stride_oh, stride_ot, stride_od,
     stride_ls, stride_lh, stride_lt,
     n_queries, n_keys, head_dim, split_len, scale_log2, window,
@@ -52,7 +54,7 @@ def _attention_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    q_pos = tl.load(QPOS + t, mask=row_ok, other=0)
+    q_pos = tl.load(QPOS + t * stride_qp, mask=row_ok, other=0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of base-2 scores
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
@@ -211,11 +213,16 @@ def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     _check_device(q, k, v, q_pos, k_pos)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_splits(n_kv_heads: int, row_blocks: int, n_keys: int, device: torch.device) -> int:
     """Split the keys so that the grid fills the GPU about twice (flash-decoding); one split on CPU."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = max(1, (2 * sms) // max(1, n_kv_heads * row_blocks))
     return max(1, min(want, MAX_SPLITS, triton.cdiv(n_keys, 4 * BLOCK_N)))
 
@@ -241,7 +248,7 @@ def _launch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        kp_h, kp_l,
+        q_pos.stride(0), kp_h, kp_l,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         ls[0], ls[1], ls[2],
         n_queries, n_keys, head_dim, split_len, (head_dim ** -0.5) * _LOG2E,
