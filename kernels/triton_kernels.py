@@ -180,7 +180,20 @@ def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, triton.next_power_of_2(head_dim))  # tl.arange needs a power of two, tl.dot >= 16
+
+
+def _block_m(rows: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(rows)))
+
+
+def _check_offsets(**tensors: torch.Tensor) -> None:
+    """Offsets are computed in 32-bit integers inside the kernels: refuse larger tensors."""
+    for name, t in tensors.items():
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+        if extent >= 2**31:
+            raise ValueError(f"{name} {tuple(t.shape)} spans {extent} elements: the Triton kernels index with "
+                             "32-bit offsets (< 2**31); split it into slabs")
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -211,6 +224,7 @@ def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     if k_pos.shape not in ((n_keys,), (n_kv_heads, n_keys)):
         raise ValueError(f"k_pos must be [{n_keys}] or [{n_kv_heads}, {n_keys}], got {tuple(k_pos.shape)}")
     _check_device(q, k, v, q_pos, k_pos)
+    _check_offsets(q=q, k=k, v=v, k_pos=k_pos)
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,7 +248,7 @@ def _launch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
     n_kv_heads, n_keys = k.shape[0], k.shape[1]
     groups = n_q_heads // n_kv_heads
     rows = groups * n_queries
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_m = _block_m(rows)
     kp_h, kp_l = (k_pos.stride(0), k_pos.stride(1)) if k_pos.dim() == 2 else (0, k_pos.stride(0))
     if out.dim() == 3:
         out = out.unsqueeze(0)
@@ -264,7 +278,7 @@ def _split_plan(q: torch.Tensor, k: torch.Tensor, split_size: int | None) -> tup
     n_kv_heads, n_keys = k.shape[0], k.shape[1]
     if split_size is None:
         rows = (n_q_heads // n_kv_heads) * n_queries
-        row_blocks = triton.cdiv(rows, min(64, max(16, triton.next_power_of_2(rows))))
+        row_blocks = triton.cdiv(rows, _block_m(rows))
         n_splits = _num_splits(n_kv_heads, row_blocks, n_keys, q.device)
         split_len = triton.cdiv(triton.cdiv(n_keys, n_splits), BLOCK_N) * BLOCK_N
     else:
@@ -363,6 +377,7 @@ def chunk_scores_triton(chunk_keys: torch.Tensor, query: torch.Tensor) -> torch.
     if n_kv_heads == 0 or query.shape[0] % n_kv_heads:
         raise ValueError(f"{query.shape[0]} query heads are not a multiple of {n_kv_heads} KV heads")
     _check_device(chunk_keys, query)
+    _check_offsets(chunk_keys=chunk_keys)
     out = _alloc(n_kv_heads, n_chunks, dtype=torch.float32, device=chunk_keys.device)
     if n_chunks == 0:
         return out

@@ -323,3 +323,10 @@ def test_engine_greedy_tokens_unchanged_with_triton_kernels(tk, monkeypatch, che
     assert got.stats["retrieval_rows"] < len(prompt), "the retrieval cache should hold a selection"
     assert calls["chunk_scores"] == target.model.cfg.num_layers
     assert calls["attention"] > 0
+
+
+def test_tensors_beyond_32_bit_offsets_are_refused(tk):
+    huge = torch.empty(2, 2**30, 4, device="meta")  # no memory: only the shape is checked
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        tk._check_offsets(k=huge)
+    tk._check_offsets(k=torch.empty(2, 2**20, 4, device="meta"))
