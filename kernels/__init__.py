@@ -16,6 +16,7 @@ interpreted according to it when kernels/triton_kernels.py is first imported (la
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from types import ModuleType
@@ -49,6 +50,7 @@ def kernel_mode() -> str:
     return mode
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -165,7 +165,8 @@ def _chunk_scores_kernel(
 # TRITON_INTERPRET; triton.language's own helpers (tl.sum's combine function...) were decorated
 # when triton was first imported, so both must agree.
 INTERPRETED = type(_attention_kernel).__name__ == "InterpretedFunction"
-if INTERPRETED != (type(tl.standard._sum_combine).__name__ == "InterpretedFunction"):
+_HELPER = getattr(getattr(tl, "standard", None), "_sum_combine", None)
+if _HELPER is not None and INTERPRETED != (type(_HELPER).__name__ == "InterpretedFunction"):
     raise ImportError("triton was first imported with a different TRITON_INTERPRET than the offload_runtime "
                       "kernels: set TRITON_INTERPRET=1 before anything imports triton")
 
