@@ -8,9 +8,9 @@ Dispatch, decided at every call (so tests can switch it with environment variabl
   than fp16/bf16/fp32, head_dim > 256).
 - OFFLOAD_RUNTIME_KERNELS=triton: Triton always; inputs it does not take raise ValueError
   naming them, and CPU tensors without TRITON_INTERPRET=1 raise RuntimeError.
-In every mode, `attention` with more than TRITON_MAX_QUERIES queries (prefill) runs the
-reference, which blocks the queries to bound memory: the Triton kernel targets decode
-(gamma+1 queries) and has no causal block skipping.
+The Triton attention takes any number of queries: decode (gamma+1 queries, the G query heads
+of a KV head packed into one tile, keys split across programs) and prefill (tiles of 64
+queries; key tiles that no query of a tile can see, by position, are skipped).
 TRITON_INTERPRET=1 must be set before the first Triton call: the kernels are compiled or
 interpreted according to it when kernels/triton_kernels.py is first imported (lazily, here).
 """
@@ -38,7 +38,6 @@ from .reference import (
 from .support import attention_reason, chunk_scores_reason, merge_reason
 
 MODES = ("auto", "triton", "reference")
-TRITON_MAX_QUERIES = 64  # more queries than this (prefill): the reference path
 _triton_module: ModuleType | None = None
 
 
@@ -86,7 +85,7 @@ def _use_triton(x: torch.Tensor, unsupported: str | None = None) -> bool:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
               sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention by positions, GQA without repeat_kv (see `attention_reference`)."""
-    if q.shape[1] <= TRITON_MAX_QUERIES and _use_triton(q, attention_reason(q, k, v, q_pos, k_pos)):
+    if _use_triton(q, attention_reason(q, k, v, q_pos, k_pos)):
         return load_triton().attention_triton(q, k, v, q_pos, k_pos, sliding_window)
     return attention_reference(q, k, v, q_pos, k_pos, sliding_window)
 
@@ -131,5 +130,5 @@ def select_chunks(chunk_keys: torch.Tensor, query: torch.Tensor, n_select: int) 
 __all__ = [
     "attention", "attention_partial", "merge_partials", "streamed_attention", "chunk_scores", "select_chunks",
     "attention_reference", "attention_partial_reference", "merge_partials_reference", "streamed_attention_reference",
-    "chunk_scores_reference", "select_chunks_reference", "kernel_mode", "load_triton", "TRITON_MAX_QUERIES", "Slab",
+    "chunk_scores_reference", "select_chunks_reference", "kernel_mode", "load_triton", "Slab",
 ]

@@ -68,30 +68,30 @@ def _attention_kernel(
     kp_ptrs = KPOS + kv_head * stride_kph + (start + n) * stride_kpl
     for n0 in range(start, stop, BLOCK_N):
         col_ok = n0 + n < stop
-        kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         k_pos = tl.load(kp_ptrs, mask=col_ok, other=0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = s * scale_log2
-        visible = col_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        visible = row_ok[:, None] & col_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
             visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: avoid -inf - -inf
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        if tl.max(visible.to(tl.int32)) > 0:  # skip K/V tiles no row can see (causal prefill, windows)
+            kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+                s = tl.dot(q, kt, input_precision="ieee")
+            else:
+                s = tl.dot(q, kt)
+            s = tl.where(visible, s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: avoid -inf - -inf
+            alpha = tl.math.exp2(m_i - m_safe)
+            p = tl.math.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
         k_ptrs += BLOCK_N * stride_kl
         v_ptrs += BLOCK_N * stride_vl
         kp_ptrs += BLOCK_N * stride_kpl

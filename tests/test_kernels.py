@@ -278,12 +278,24 @@ def test_forced_triton_on_cpu_needs_interpreter(tk, monkeypatch):
     assert torch.equal(kernels.attention(q, k, v, q_pos, k_pos), ref.attention_reference(q, k, v, q_pos, k_pos))
 
 
-def test_prefill_sized_attention_uses_the_reference(tk, monkeypatch):
-    t = kernels.TRITON_MAX_QUERIES + 1
-    q, k, v, q_pos, k_pos = _inputs(4, 2, t, t, 16, torch.float32, seed=9)
+@pytest.mark.parametrize("window", [None, 24])
+def test_prefill_sized_attention_runs_triton(tk, monkeypatch, window):
+    """A causal prefill (queries = the keys' own rows, several query tiles, skipped key tiles)."""
+    q, k, v, q_pos, k_pos = _inputs(4, 2, 100, 100, 16, torch.float32, seed=9)
+    calls = []
+    real = tk.attention_triton
+    monkeypatch.setattr(tk, "attention_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", "triton")
-    monkeypatch.setattr(tk, "attention_triton", None)  # would fail if called
-    assert torch.equal(kernels.attention(q, k, v, q_pos, k_pos), ref.attention_reference(q, k, v, q_pos, k_pos))
+    _assert_written_close(kernels.attention(q, k, v, q_pos, k_pos, window),
+                          ref.attention_reference(q, k, v, q_pos, k_pos, window), torch.float32)
+    assert calls == [1]
+
+
+def test_tensors_beyond_32_bit_offsets_are_refused(tk):
+    huge = torch.empty(2, 2**30, 4, device="meta")  # no memory: only the shape is checked
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        tk._check_offsets(k=huge)
+    tk._check_offsets(k=torch.empty(2, 2**20, 4, device="meta"))
 
 
 # ---- the engine with the kernels on ----------------------------------------------------------
@@ -323,10 +335,3 @@ def test_engine_greedy_tokens_unchanged_with_triton_kernels(tk, monkeypatch, che
     assert got.stats["retrieval_rows"] < len(prompt), "the retrieval cache should hold a selection"
     assert calls["chunk_scores"] == target.model.cfg.num_layers
     assert calls["attention"] > 0
-
-
-def test_tensors_beyond_32_bit_offsets_are_refused(tk):
-    huge = torch.empty(2, 2**30, 4, device="meta")  # no memory: only the shape is checked
-    with pytest.raises(ValueError, match="32-bit offsets"):
-        tk._check_offsets(k=huge)
-    tk._check_offsets(k=torch.empty(2, 2**20, 4, device="meta"))
