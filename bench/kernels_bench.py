@@ -74,12 +74,18 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
 
 
-def row(results: list, kernel: str, impl: str, shape: dict, seconds: float, nbytes: int, bandwidth: float) -> None:
+def row(results: list, kernel: str, impl: str, shape: dict, seconds: float, nbytes: int, bandwidth: float,
+        flops: float | None = None) -> None:
     gbs = nbytes / seconds / 1e9
-    results.append({"kernel": kernel, "impl": impl, **shape, "us": seconds * 1e6, "bytes": nbytes,
-                    "GB_per_s": gbs, "fraction_of_copy_bandwidth": gbs * 1e9 / bandwidth})
+    entry = {"kernel": kernel, "impl": impl, **shape, "us": seconds * 1e6, "bytes": nbytes,
+             "GB_per_s": gbs, "fraction_of_copy_bandwidth": gbs * 1e9 / bandwidth}
+    extra = ""
+    if flops is not None:  # compute-bound shapes (prefill): useful FLOP/s too
+        entry["TFLOP_per_s"] = flops / seconds / 1e12
+        extra = f" {entry['TFLOP_per_s']:7.2f} TFLOP/s"
+    results.append(entry)
     print(f"{kernel:18s} {impl:10s} {json.dumps(shape):60s} {seconds * 1e6:10.1f} us {gbs:8.1f} GB/s "
-          f"({100 * gbs * 1e9 / bandwidth:5.1f}% of copy)", flush=True)
+          f"({100 * gbs * 1e9 / bandwidth:5.1f}% of copy){extra}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +136,22 @@ def main(argv: list[str] | None = None) -> int:
                 impls = {"triton": lambda: tk.attention_triton(q, k, v, q_pos, k_pos), **impls}
             for impl, fn in impls.items():
                 row(results, "attention", impl, shape, timed(fn, device), nbytes, bandwidth)
+
+    # causal prefill (queries = the keys' own rows): compute-bound; useful FLOPs count the causal half
+    for t in ([2048, 8192] if device.type == "cuda" and not args.quick else [2048] if device.type == "cuda" else [256]):
+        q = torch.randn(hq, t, d, device=device, dtype=dtype)
+        k = torch.randn(hkv, t, d, device=device, dtype=dtype)
+        v = torch.randn(hkv, t, d, device=device, dtype=dtype)
+        pos = torch.arange(t, device=device)
+        shape = {"Hq": hq, "Hkv": hkv, "T": t, "L": t, "D": d, "dtype": str(dtype)}
+        nbytes = (2 * k.numel() + 2 * q.numel()) * elt
+        flops = 2 * 2 * hq * d * t * (t + 1) / 2
+        impls = {"reference": lambda: ref.attention_reference(q, k, v, pos, pos),
+                 "sdpa": lambda: sdpa(q, k, v, pos, pos)}
+        if tk is not None:
+            impls = {"triton": lambda: tk.attention_triton(q, k, v, pos, pos), **impls}
+        for impl, fn in impls.items():
+            row(results, "attention_prefill", impl, shape, timed(fn, device), nbytes, bandwidth, flops)
 
     # one slab of a streamed full cache (partial + lse), and the merge of 16 partials
     slab = 8192 if device.type == "cuda" else 2048
