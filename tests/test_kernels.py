@@ -14,6 +14,8 @@ import torch
 from offload_runtime import kernels
 from offload_runtime.kernels import reference as ref
 
+pytest.importorskip("triton")  # (not installed on macOS or Windows: the references are all there is)
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # On CUDA, fp16/bf16 operands go to tl.dot as they are (softmax weights rounded to the input dtype
 # before P@V, as flash attention does); the interpreter computes in fp32 throughout.
