@@ -251,12 +251,12 @@ def _launch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
     rows = groups * n_queries
     block_m = _block_m(rows)
     kp_h, kp_l = (k_pos.stride(0), k_pos.stride(1)) if k_pos.dim() == 2 else (0, k_pos.stride(0))
-    if out.dim() == 3:
-        out = out.unsqueeze(0)
-    lse_t = lse if lse is not None else out  # unused pointer when WRITE_LSE is False
-    if lse is not None and lse.dim() == 2:
-        lse_t = lse.unsqueeze(0)
-    ls = lse_t.stride() if lse is not None else (0, 0, 0)
+    out = out if out.dim() == 4 else out.unsqueeze(0)  # [splits, Hq, T, D]
+    if lse is None:  # WRITE_LSE is False: the pointer is never used
+        lse_t, ls = out, (0, 0, 0)
+    else:
+        lse_t = lse if lse.dim() == 3 else lse.unsqueeze(0)  # [splits, Hq, T]
+        ls = lse_t.stride()
     grid = (n_kv_heads, triton.cdiv(rows, block_m), n_splits)
     _attention_kernel[grid](
         q, k, v, q_pos, k_pos, out, lse_t,
@@ -301,51 +301,49 @@ def _merge(parts: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: 
     )
 
 
-def attention_partial_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                             k_pos: torch.Tensor, sliding_window: int | None = None,
-                             split_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `attention_partial_reference`: (out [Hq, T, D] fp32, lse [Hq, T] fp32) over one slab.
-    split_size (a multiple of BLOCK_N) forces the key splits, for tests; None picks them."""
-    _check_attention(q, k, v, q_pos, k_pos)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+            sliding_window: int | None, split_size: int | None, out: torch.Tensor, lse: torch.Tensor | None) -> None:
+    """Fill out [Hq, T, D] (and lse [Hq, T] if given): one launch, or split keys + merge."""
     n_q_heads, n_queries, head_dim = q.shape
-    out = _alloc(n_q_heads, n_queries, head_dim, dtype=torch.float32, device=q.device)
-    lse = _alloc(n_q_heads, n_queries, dtype=torch.float32, device=q.device)
     if n_queries == 0:
-        return out, lse
-    if k.shape[1] == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
+        return
+    if k.shape[1] == 0:  # no keys: nothing is visible
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return
     split_len, n_splits = _split_plan(q, k, split_size)
     if n_splits == 1:
         _launch_attention(q, k, v, q_pos, k_pos, sliding_window, out, lse, split_len, 1)
-        return out, lse
+        return
     parts = _alloc(n_splits, n_q_heads, n_queries, head_dim, dtype=torch.float32, device=q.device)
     part_lse = _alloc(n_splits, n_q_heads, n_queries, dtype=torch.float32, device=q.device)
     _launch_attention(q, k, v, q_pos, k_pos, sliding_window, parts, part_lse, split_len, n_splits)
+    if lse is None:
+        lse = _alloc(n_q_heads, n_queries, dtype=torch.float32, device=q.device)
     _merge(parts, part_lse, out, lse)
-    return out, lse
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                      sliding_window: int | None = None, split_size: int | None = None) -> torch.Tensor:
-    """As `attention_reference`: [Hq, T, D] in q's dtype; fp32 softmax and accumulation."""
+    """As `attention_reference`: [Hq, T, D] in q's dtype; fp32 softmax and accumulation.
+    split_size (a multiple of BLOCK_N) forces the key splits, for tests; None picks them."""
     _check_attention(q, k, v, q_pos, k_pos)
     out = _alloc(*q.shape, dtype=q.dtype, device=q.device)
-    n_queries = q.shape[1]
-    if n_queries == 0:
-        return out
-    if k.shape[1] == 0:
-        return out.zero_()
-    split_len, n_splits = _split_plan(q, k, split_size)
-    if n_splits == 1:
-        _launch_attention(q, k, v, q_pos, k_pos, sliding_window, out, None, split_len, 1)
-        return out
-    n_q_heads, _, head_dim = q.shape
-    parts = _alloc(n_splits, n_q_heads, n_queries, head_dim, dtype=torch.float32, device=q.device)
-    part_lse = _alloc(n_splits, n_q_heads, n_queries, dtype=torch.float32, device=q.device)
-    _launch_attention(q, k, v, q_pos, k_pos, sliding_window, parts, part_lse, split_len, n_splits)
-    lse = _alloc(n_q_heads, n_queries, dtype=torch.float32, device=q.device)
-    _merge(parts, part_lse, out, lse)
+    _attend(q, k, v, q_pos, k_pos, sliding_window, split_size, out, None)
     return out
+
+
+def attention_partial_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                             k_pos: torch.Tensor, sliding_window: int | None = None,
+                             split_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `attention_partial_reference`: (out [Hq, T, D] fp32, lse [Hq, T] fp32) over one slab."""
+    _check_attention(q, k, v, q_pos, k_pos)
+    n_q_heads, n_queries, head_dim = q.shape
+    out = _alloc(n_q_heads, n_queries, head_dim, dtype=torch.float32, device=q.device)
+    lse = _alloc(n_q_heads, n_queries, dtype=torch.float32, device=q.device)
+    _attend(q, k, v, q_pos, k_pos, sliding_window, split_size, out, lse)
+    return out, lse
 
 
 def merge_partials_triton(outs: torch.Tensor, lses: torch.Tensor,
