@@ -30,16 +30,17 @@ def jobs(quick: bool) -> list[tuple[str, dict, dict]]:
     """(kernel name, signature, constexprs) for each compilation."""
     out = []
     dtypes = ["fp16"] if quick else ["fp16", "bf16", "fp32"]
-    configs = [(4, True, True, 16, 128)] if quick else [
-        (4, False, False, 16, 128), (8, True, True, 64, 128), (1, False, True, 64, 64), (2, True, False, 32, 16)]
+    configs = [(4, True, True, False, 16, 128), (1, True, False, True, 64, 128)] if quick else [
+        (4, False, False, False, 16, 128), (8, True, True, False, 64, 128), (1, False, True, True, 64, 64),
+        (2, True, False, True, 32, 16), (4, True, True, True, 64, 128)]
     for dt in dtypes:
-        for groups, window, lse, block_m, block_d in configs:
+        for groups, window, lse, skip, block_m, block_d in configs:
             for out_dt in sorted({dt, "fp32"}):
                 sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "QPOS": "*i64", "KPOS": "*i64",
                        "OUT": f"*{out_dt}", "LSE": "*fp32", **{n: "i32" for n in _STRIDES_ATTENTION},
                        "scale_log2": "fp32", "window": "i32"}
-                cx = dict(GROUPS=groups, HAS_WINDOW=window, UPCAST=dt == "fp32", WRITE_LSE=lse, BLOCK_M=block_m,
-                          BLOCK_N=64, BLOCK_D=block_d)
+                cx = dict(GROUPS=groups, HAS_WINDOW=window, UPCAST=dt == "fp32", WRITE_LSE=lse, SKIP_TILES=skip,
+                          BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d)
                 out.append(("_attention_kernel", sig, cx))
     for out_dt in (["fp16"] if quick else ["fp32", "fp16", "bf16"]):
         sig = {"PART": "*fp32", "PLSE": "*fp32", "OUT": f"*{out_dt}", "LSE": "*fp32",

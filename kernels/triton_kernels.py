@@ -22,7 +22,32 @@ from .support import attention_reason, chunk_scores_reason, merge_reason
 
 BLOCK_N = 64  # keys per tile
 MAX_SPLITS = 128  # key splits of one attention call (flash-decoding); merged by _merge_kernel
+SKIP_TILES_ABOVE = 16  # more queries (prefill): skip invisible key tiles; fewer (decode): pipelined loads
 _LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(q, k_ptrs, v_ptrs, visible, col_ok, d_ok, scale_log2, m_i, l_i, acc, UPCAST: tl.constexpr):
+    """Online-softmax update of (m_i, l_i, acc) with one [BLOCK_N] tile of keys and values."""
+    kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    s = tl.where(visible, s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: avoid -inf - -inf
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+    if UPCAST:
+        v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -36,7 +61,7 @@ def _attention_kernel(
     stride_ls, stride_lh, stride_lt,
     n_queries, n_keys, head_dim, split_len, scale_log2, window,
     GROUPS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, WRITE_LSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SKIP_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program: one KV head, BLOCK_M packed (query head, query) rows, one split of the keys.
     Writes the split's normalised output and (optionally) its log-sum-exp (natural log)."""
@@ -72,26 +97,11 @@ def _attention_kernel(
         visible = row_ok[:, None] & col_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
             visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
-        if tl.max(visible.to(tl.int32)) > 0:  # skip K/V tiles no row can see (causal prefill, windows)
-            kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
-            s = tl.where(visible, s * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: avoid -inf - -inf
-            alpha = tl.math.exp2(m_i - m_safe)
-            p = tl.math.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        if SKIP_TILES:  # prefill: skip K/V tiles no row can see (causal, window)
+            if tl.max(visible.to(tl.int32)) > 0:
+                m_i, l_i, acc = _attend_tile(q, k_ptrs, v_ptrs, visible, col_ok, d_ok, scale_log2, m_i, l_i, acc, UPCAST)
+        else:  # decode: no branch around the loads, so the compiler can pipeline them
+            m_i, l_i, acc = _attend_tile(q, k_ptrs, v_ptrs, visible, col_ok, d_ok, scale_log2, m_i, l_i, acc, UPCAST)
         k_ptrs += BLOCK_N * stride_kl
         v_ptrs += BLOCK_N * stride_vl
         kp_ptrs += BLOCK_N * stride_kpl
@@ -269,7 +279,8 @@ def _launch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         n_queries, n_keys, head_dim, split_len, (head_dim ** -0.5) * _LOG2E,
         sliding_window if sliding_window is not None else 0,
         GROUPS=groups, HAS_WINDOW=sliding_window is not None, UPCAST=INTERPRETED or q.dtype == torch.float32,
-        WRITE_LSE=lse is not None, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(head_dim),
+        WRITE_LSE=lse is not None, SKIP_TILES=n_queries > SKIP_TILES_ABOVE,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(head_dim),
     )
 
 

@@ -84,6 +84,7 @@ ATTENTION_CASES = [
     (16, 2, 4, 37, 24, None, True, None),
     (8, 1, 2, 200, 64, 50, False, 64),
     (4, 1, 16, 65, 16, None, False, None),
+    (4, 1, 40, 150, 16, 30, True, 64),  # more than SKIP_TILES_ABOVE queries: invisible key tiles skipped
 ]
 
 
