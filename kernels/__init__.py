@@ -1,7 +1,134 @@
-"""Attention and retrieval kernels: pure-PyTorch references (CPU path, test oracle) and Triton versions."""
-from .reference import attention_reference, chunk_scores_reference, select_chunks_reference
+"""Attention and retrieval kernels: pure-PyTorch references (CPU path, test oracle) and Triton versions.
 
-attention = attention_reference
-select_chunks = select_chunks_reference
+Dispatch, decided at every call (so tests can switch it with environment variables):
+- OFFLOAD_RUNTIME_KERNELS=reference: always the PyTorch references.
+- OFFLOAD_RUNTIME_KERNELS=auto (default): Triton for CUDA tensors, and for CPU tensors when
+  TRITON_INTERPRET=1 (Triton's interpreter: the tests); the references otherwise (CPU), or
+  when Triton is not installed, or for inputs the Triton kernels do not take (dtype other
+  than fp16/bf16/fp32, head_dim > 256).
+- OFFLOAD_RUNTIME_KERNELS=triton: Triton always; inputs it does not take raise ValueError
+  naming them, and CPU tensors without TRITON_INTERPRET=1 raise RuntimeError.
+The Triton attention takes any number of queries: decode (gamma+1 queries, the G query heads
+of a KV head packed into one tile, keys split across programs) and prefill (tiles of 64
+queries; key tiles that no query of a tile can see, by position, are skipped).
+TRITON_INTERPRET=1 must be set before the first Triton call: the kernels are compiled or
+interpreted according to it when kernels/triton_kernels.py is first imported (lazily, here).
+"""
+from __future__ import annotations
 
-__all__ = ["attention", "select_chunks", "attention_reference", "chunk_scores_reference", "select_chunks_reference"]
+import functools
+import importlib.util
+import os
+from types import ModuleType
+from typing import Iterable
+
+import torch
+
+from .reference import (
+    Slab,
+    attention_partial_reference,
+    attention_reference,
+    chunk_scores_reference,
+    merge_partials_reference,
+    merge_streamed,
+    select_chunks_reference,
+    streamed_attention_reference,
+    top_chunks,
+)
+from .support import attention_reason, chunk_scores_reason, merge_reason
+
+MODES = ("auto", "triton", "reference")
+_triton_module: ModuleType | None = None
+
+
+def kernel_mode() -> str:
+    """The OFFLOAD_RUNTIME_KERNELS setting (auto|triton|reference)."""
+    mode = os.environ.get("OFFLOAD_RUNTIME_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"OFFLOAD_RUNTIME_KERNELS={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def load_triton() -> ModuleType:
+    """The Triton kernel module, imported on first use (after TRITON_INTERPRET is settled)."""
+    global _triton_module
+    if _triton_module is None:
+        if not triton_available():
+            raise RuntimeError("the Triton kernels need the `triton` package, which is not installed")
+        from . import triton_kernels as module
+
+        _triton_module = module
+    return _triton_module
+
+
+def _use_triton(x: torch.Tensor, unsupported: str | None = None) -> bool:
+    """Whether this call goes to Triton (see the module docstring); raises where Triton is forced but cannot run."""
+    mode = kernel_mode()
+    if mode == "reference":
+        return False
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if mode == "auto":
+        return (x.is_cuda or interpret) and unsupported is None and triton_available()
+    if unsupported is not None:
+        raise ValueError(f"OFFLOAD_RUNTIME_KERNELS=triton, but the Triton kernel does not take these inputs: {unsupported}")
+    if not x.is_cuda and not interpret:
+        raise RuntimeError(f"OFFLOAD_RUNTIME_KERNELS=triton with {x.device.type} tensors needs TRITON_INTERPRET=1 "
+                           "(Triton's interpreter) or CUDA tensors")
+    return True
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+              sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention by positions, GQA without repeat_kv (see `attention_reference`)."""
+    if _use_triton(q, attention_reason(q, k, v, q_pos, k_pos)):
+        return load_triton().attention_triton(q, k, v, q_pos, k_pos, sliding_window)
+    return attention_reference(q, k, v, q_pos, k_pos, sliding_window)
+
+
+def attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                      sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over one slab: (out fp32, lse fp32), mergeable (see `attention_partial_reference`)."""
+    if _use_triton(q, attention_reason(q, k, v, q_pos, k_pos)):
+        return load_triton().attention_partial_triton(q, k, v, q_pos, k_pos, sliding_window)
+    return attention_partial_reference(q, k, v, q_pos, k_pos, sliding_window)
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor,
+                   out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge [S] partial attentions by log-sum-exp (see `merge_partials_reference`)."""
+    reason = merge_reason(outs, lses, out_dtype)
+    if _use_triton(outs, reason):
+        return load_triton().merge_partials_triton(outs, lses, out_dtype)
+    return merge_partials_reference(outs, lses, out_dtype)
+
+
+def streamed_attention(q: torch.Tensor, slabs: Iterable[Slab], q_pos: torch.Tensor,
+                       sliding_window: int | None = None) -> torch.Tensor:
+    """Attention over a cache arriving as slabs (k, v, k_pos): each slab is attended when it
+    arrives and merged into a running result (see `streamed_attention_reference`)."""
+    return merge_streamed(q, slabs, q_pos, sliding_window, attention_partial, merge_partials)
+
+
+def chunk_scores(chunk_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """[Hkv, N] fp32 scores of chunk mean keys against the query, GQA heads summed."""
+    reason = chunk_scores_reason(chunk_keys, query)
+    if _use_triton(chunk_keys, reason):
+        return load_triton().chunk_scores_triton(chunk_keys, query)
+    return chunk_scores_reference(chunk_keys, query)
+
+
+def select_chunks(chunk_keys: torch.Tensor, query: torch.Tensor, n_select: int) -> torch.Tensor:
+    """[Hkv, n_select] ascending chunk indices per KV head, chunk 0 always (see `select_chunks_reference`)."""
+    return top_chunks(chunk_scores(chunk_keys, query), n_select)
+
+
+__all__ = [
+    "attention", "attention_partial", "merge_partials", "streamed_attention", "chunk_scores", "select_chunks",
+    "attention_reference", "attention_partial_reference", "merge_partials_reference", "streamed_attention_reference",
+    "chunk_scores_reference", "select_chunks_reference", "kernel_mode", "load_triton", "Slab",
+]

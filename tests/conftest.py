@@ -9,6 +9,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton fixes compiled-vs-interpreted when its functions are decorated (on import), so the
+    # kernel tests need triton imported in interpreter mode before anything else imports it.
+    # The variable is then restored: the other tests keep the reference kernels on CPU, and
+    # tests/test_kernels.py sets it again while it runs.
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        from offload_runtime.kernels import load_triton, triton_available  # noqa: E402
+
+        if triton_available():
+            load_triton()
+    finally:
+        if _saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved
+
 from offload_runtime import synthetic  # noqa: E402
 
 torch.set_num_threads(2)
