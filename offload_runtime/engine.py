@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .caches.base import KVCache
 from .caches.full import FullCache
+from .caches.offloaded import OffloadedCache
 from .caches.retrieval import RetrievalCache
 from .caches.streaming import StreamingCache
 from .errors import UserError
 from .generate import GenerationResult, TokenCallback, check_request, stop_index
 from .model import CausalLM
+from .prefill import prefill
 from .sampling import SamplingParams, probabilities, sample
 from .speculative import verify
 
@@ -146,16 +149,22 @@ def generate_triforce(
     settings: EngineSettings = EngineSettings(),
     generator: torch.Generator | None = None,
     on_tokens: TokenCallback | None = None,
+    full_cache: Callable[[int], KVCache] | None = None,
+    layer_major: bool | None = None,
+    link_gbps: float | None = None,
 ) -> GenerationResult:
+    """full_cache: factory of the L3 cache for a capacity (default FullCache; OffloadedCache for a
+    host-resident cache). layer_major: prefill layer by layer (default: when the cache is offloaded)."""
     check_request(target, len(prompt_ids), max_new_tokens)
     stats = Stats()
     dev = target.device
     n_prompt = len(prompt_ids)
     t0 = time.perf_counter()
-    full = FullCache(target.cfg, dev, target.dtype, capacity=n_prompt + max_new_tokens + settings.gamma + 1)
-    logits = target(torch.tensor(prompt_ids, device=dev), full, last_only=True)
-    retrieval = RetrievalCache(target.cfg, dev, target.dtype, settings.budget, settings.chunk_size)
-    retrieval.build(full, n_prompt, [q[:, -1] for q in full.recent_queries])
+    capacity = n_prompt + max_new_tokens + settings.gamma + 1
+    full = full_cache(capacity) if full_cache else FullCache(target.cfg, dev, target.dtype, capacity=capacity)
+    retrieval = RetrievalCache(target.cfg, dev, target.dtype, settings.budget, settings.chunk_size,
+                               reserve_rows=max_new_tokens + settings.gamma + 64)
+    logits = prefill(target, prompt_ids, full, retrieval, layer_major)
     l1 = DraftLevel(draft, settings, params, generator, stats) if draft is not None else None
     if l1:
         l1.prefill(prompt_ids)
@@ -199,6 +208,8 @@ def generate_triforce(
         "draft_evicted_rows": l1.cache.evicted if l1 else 0,
     }
     result.update(stats.as_dict())
+    if isinstance(full, OffloadedCache):
+        result.update(full.report(len(out), stats.time["l3"], link_gbps))
     return GenerationResult(out, result)
 
 
