@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 from .errors import UserError
@@ -50,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: the checkpoint's dtype on CUDA, float32 on CPU")
-    g.add_argument("--on-chip-layers", default=None, help="N|auto: layers whose full cache stays on the GPU")
+    g.add_argument("--on-chip-layers", default="auto",
+                   help="N|auto: the first N layers' full cache stays on the GPU, the rest is streamed from host "
+                   "memory; auto: as many as the memory plan fits")
+    g.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
+                   help="host-resident full cache: auto = when the plan needs it (never on CPU), on = always, off = never")
+    g.add_argument("--max-context", type=int, default=None,
+                   help="tokens the full cache is planned and allocated for (default: prompt + --max-new-tokens + gamma + 1)")
     g = p.add_argument_group("output")
     g.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, prompt_tokens, stats")
@@ -97,8 +104,15 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--budget {args.budget} must hold at least 2 chunks of --chunk-size {args.chunk_size}")
     if args.sinks < 0 or args.window <= args.sinks:
         raise UserError(f"--window {args.window} must be larger than --sinks {args.sinks} (>= 0)")
-    if args.on_chip_layers is not None:
-        raise UserError("--on-chip-layers needs the host-resident cache, which is not built yet")
+    if args.on_chip_layers != "auto":
+        try:
+            n = int(args.on_chip_layers)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise UserError(f"--on-chip-layers must be a non-negative integer or auto, got {args.on_chip_layers}")
+    if args.max_context is not None and args.max_context <= 0:
+        raise UserError(f"--max-context must be positive, got {args.max_context}")
     if args.chat:
         raise UserError("--chat is not built yet")
 
@@ -113,22 +127,68 @@ def pick_device(name: str) -> Any:
     return torch.device(name)
 
 
+def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_prompt: int) -> tuple[Any, Any]:
+    """Plan memory before any weight or cache is allocated: (plan, cache factory or None for FullCache).
+    Refuses (UserError) what does not fit, so nothing is left half-allocated."""
+    from . import loading
+    from .config import ModelConfig
+    from .planner import plan_memory, probe_resources
+
+    cfg = ModelConfig.from_hf(hf)
+    dtype = loading.pick_dtype(args.dtype, device, path, hf)
+    draft_cfg = None
+    if args.draft and args.mode == "triforce":
+        draft_cfg = ModelConfig.from_hf(loading.load_hf_config(loading.resolve_checkpoint(args.draft)))
+    slots = args.gamma + 1 if args.mode == "triforce" else 0
+    needed = n_prompt + args.max_new_tokens + slots
+    context = args.max_context or needed
+    if needed > context:
+        raise UserError(f"context of {needed} tokens (prompt {n_prompt} + {args.max_new_tokens} new"
+                        f"{f' + {slots} verification slots' if slots else ''}) is longer than --max-context {context}")
+    on_chip = None if args.on_chip_layers == "auto" else int(args.on_chip_layers)
+    plan = plan_memory(cfg, dtype, context, probe_resources(device), new_tokens=args.max_new_tokens + slots,
+                       budget=args.budget, draft_cfg=draft_cfg, draft_window=args.window,
+                       on_chip_layers=on_chip, offload=args.offload)
+    if not (plan.offload or args.offload == "on" or on_chip is not None):
+        return plan, None
+
+    def factory(model: Any) -> Any:
+        from .caches.offloaded import OffloadedCache
+
+        return lambda capacity: OffloadedCache(model.cfg, device, model.dtype, max(capacity, plan.context),
+                                               plan.on_chip_layers)
+
+    return plan, factory
+
+
 def generate_once(args: argparse.Namespace) -> dict:
     import torch
 
     from . import loading
-    from .generate import generate_autoregressive
+    from .config import ModelConfig
+    from .generate import check_request, generate_autoregressive
     from .sampling import SamplingParams
 
     device = pick_device(args.device)
+    # config, tokenizer and plan first: refuse before any weight or cache is allocated
+    path = loading.resolve_checkpoint(args.model)
+    hf = loading.load_hf_config(path)
+    cfg = ModelConfig.from_hf(hf)
+    prompt_ids = loading.load_tokenizer(path)(prompt_text(args))["input_ids"]
+    check_request(SimpleNamespace(cfg=cfg), len(prompt_ids), args.max_new_tokens)
+    plan, cache_factory = plan_run(args, device, path, hf, len(prompt_ids))
     target = loading.load(args.model, device, args.dtype)
     params = SamplingParams(args.temperature, args.top_p)
-    prompt_ids = target.tokenizer(prompt_text(args))["input_ids"]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     stream = None if args.json else _Streamer(target.tokenizer)
+    offload = {}
+    if cache_factory is not None:
+        from .cuda_streams import link_bandwidth
+
+        offload = dict(full_cache=cache_factory(target.model), link_gbps=link_bandwidth(device))
     if args.mode == "autoregressive":
         result = generate_autoregressive(target.model, prompt_ids, args.max_new_tokens, params,
-                                         target.eos_ids, generator, on_tokens=stream)
+                                         target.eos_ids, generator, on_tokens=stream, **offload)
     else:
         from .engine import EngineSettings, generate_triforce
 
@@ -141,9 +201,10 @@ def generate_once(args: argparse.Namespace) -> dict:
                                   draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window)
         result = generate_triforce(target.model, draft.model if draft else None, prompt_ids,
                                    args.max_new_tokens, params, target.eos_ids, settings, generator,
-                                   on_tokens=stream)
+                                   on_tokens=stream, **offload)
     if stream:
         stream.finish()
+    result.stats["memory_plan"] = plan.as_dict()
     text = target.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     return {"text": text, "token_ids": result.token_ids, "prompt_tokens": len(prompt_ids), "stats": result.stats}
 
@@ -175,6 +236,13 @@ def summary_line(stats: dict) -> str:
         parts.append(f"{stats['decode_tokens_per_s']:.2f} tok/s")
     if stats.get("mean_accepted_per_pass") is not None:
         parts.append(f"{stats['mean_accepted_per_pass']:.2f} tok/L3 pass")
+    if stats.get("offloaded_layers"):
+        parts.append(f"{stats['offloaded_layers']} layers offloaded")
+        if stats.get("h2d_bytes_per_token"):
+            parts.append(f"H2D {stats['h2d_bytes_per_token'] / 2**20:.1f} MiB/tok")
+        if stats.get("h2d_gbps"):
+            link = f" ({stats['link_fraction']:.0%} of link)" if stats.get("link_fraction") else ""
+            parts.append(f"{stats['h2d_gbps']:.1f} GB/s{link}")
     return "[" + ", ".join(parts) + "]"
 
 

@@ -35,10 +35,10 @@ class RetrievalCache(KVCache):
     def _slot(self, length: int) -> int:
         return self.selected + (length - self.base)
 
-    def _reserve(self, rows: int) -> None:
+    def _reserve(self, rows: int, exact: bool = False) -> None:
         if rows <= self.capacity:
             return
-        cap = grown_capacity(rows, self.capacity)
+        cap = -(-rows // 256) * 256 if exact else grown_capacity(rows, self.capacity)
         hkv, d = self.cfg.num_kv_heads, self.cfg.head_dim
         used = self._slot(self.length)
         new_k = [torch.empty(hkv, cap, d, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
@@ -74,7 +74,7 @@ class RetrievalCache(KVCache):
         self.base = self.length = prompt_len
         self.selected, self.capacity, self.k, self.v = 0, 0, [], []
         self.pos = torch.zeros(self.cfg.num_kv_heads, 0, dtype=torch.long, device=self.device)
-        self._reserve(keep * self.chunk_size + tail + generated + self.reserve_rows)
+        self._reserve(keep * self.chunk_size + tail + generated + self.reserve_rows, exact=True)
         self.selected = keep * self.chunk_size + tail
 
     def build_layer(self, layer: int, k_all: torch.Tensor, v_all: torch.Tensor, query: torch.Tensor) -> None:
