@@ -10,6 +10,7 @@ its bytes. Both keep the same accounting and, on request, a trace of what was is
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -146,7 +147,17 @@ class CudaBackend(Backend):
         self._pending: list[tuple[str, Any, Any]] = []  # (what, start event, end event), in issue order
 
     def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
+        """Page-locked host memory of exactly this size: plain memory registered with cudaHostRegister.
+        (torch's pinned allocator rounds each block up to a power of two: 62 GiB would lock 64, 33 would lock 64.)"""
+        t = torch.empty(shape, dtype=dtype)
+        nbytes = t.numel() * t.element_size()
+        cudart = torch.cuda.cudart()
+        register = getattr(cudart, "cudaHostRegister", None)
+        if nbytes == 0 or register is None or int(register(t.data_ptr(), nbytes, 0)) != 0:
+            del t
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
+        return t
 
     def _event(self) -> Any:
         return torch.cuda.Event(enable_timing=self.timing)

@@ -18,6 +18,9 @@ from .base import KVCache, grown_capacity
 from .full import FullCache
 
 
+_MEAN_BLOCK = 1024  # chunks averaged at a time while building a selection
+
+
 class RetrievalCache(KVCache):
     def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, budget: int, chunk_size: int,
                  reserve_rows: int = 64) -> None:
@@ -86,7 +89,10 @@ class RetrievalCache(KVCache):
         if keep == n_full:  # everything fits: the selection is the whole prompt
             rows = all_pos[None, :].expand(hkv, -1)
         else:
-            chunk_keys = k_all[:, : n_full * c].reshape(hkv, n_full, c, d).float().mean(2)
+            chunk_keys = torch.empty(hkv, n_full, d, dtype=torch.float32, device=k_all.device)
+            for a in range(0, n_full, _MEAN_BLOCK):  # in blocks: no fp32 copy of a whole 128K-token layer
+                b = min(n_full, a + _MEAN_BLOCK)
+                chunk_keys[:, a:b] = k_all[:, a * c : b * c].reshape(hkv, b - a, c, d).float().mean(2)
             idx = select_chunks(chunk_keys.to(query.device), query, keep).to(self.device)  # [Hkv, keep]
             rows = (idx[:, :, None] * c + torch.arange(c, device=self.device)).reshape(hkv, -1)
             rows = torch.cat([rows, all_pos[n_full * c :][None, :].expand(hkv, -1)], dim=1)
