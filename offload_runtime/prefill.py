@@ -21,7 +21,7 @@ from .caches.retrieval import RetrievalCache
 from .model import CausalLM
 
 PREFILL_CHUNK = 1024  # prompt tokens per chunk within a layer
-PROGRESS_MIN_TOKENS = 8192  # show a progress bar (stderr) from this prompt length on
+PROGRESS_MIN_TOKENS = 8192  # show a progress bar (stderr, layers x tokens) from this prompt length on
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -71,19 +71,20 @@ def _layer_major(model: CausalLM, tokens: torch.Tensor, cache: FullCache | Offlo
     x = model.model.embed_tokens(tokens)
     cos, sin = model.rope.cos_sin(cache.positions(n, tokens.device), x.dtype)
     layers = model.model.layers
-    bar = tqdm(total=len(layers), desc=f"prefill {n} tokens", unit="layer", file=sys.stderr,
-               disable=not progress, leave=False)
+    bar = tqdm(total=len(layers) * n, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr,
+               disable=not progress, leave=False)  # layers x tokens
     for i, layer in enumerate(layers):
         k_buf, v_buf = cache.open_layer(i, n)
         writer = _LayerWriter(k_buf, v_buf, start, model.cfg.sliding_windows[i], attn)
+        bar.set_postfix_str(f"layer {i + 1}/{len(layers)}", refresh=False)
         for a in range(0, n, chunk_tokens):
             b = min(n, a + chunk_tokens)
             x[a:b] = layer(x[a:b], cos[a:b], sin[a:b], writer)
+            bar.update(b - a)
         cache.recent_queries[i] = writer.recent
         if retrieval is not None:
             retrieval.build_layer(i, k_buf[:, :end], v_buf[:, :end], writer.recent[:, -1])
         cache.close_layer(i, start, end)
-        bar.update()
     bar.close()
     cache.advance(n)
     return model.lm_head(model.model.norm(x[-1:])).float()

@@ -91,3 +91,15 @@ def test_decode_bytes_per_token(models, prompt, monkeypatch):
     lengths = range(N_PROMPT, N_PROMPT + N_NEW - 1)  # one pass per token after the first
     assert stats["h2d_bytes"] == sum((LAYERS - 1) * n * row for n in lengths)
     assert stats["d2h_bytes"] == (LAYERS - 1) * (N_NEW - 1) * row
+
+
+def test_offloaded_with_selection_refresh(models, prompt, monkeypatch):
+    """Rebuilding the retrieval selection reads the offloaded layers' rows back from host memory."""
+    target, _ = models
+    import dataclasses
+
+    settings = dataclasses.replace(SETTINGS, refresh_every=2)
+    want = generate_triforce(target, None, prompt, N_NEW, SamplingParams(), [], settings)
+    got = generate_triforce(target, None, prompt, N_NEW, SamplingParams(), [], settings,
+                            full_cache=lambda cap: OffloadedCache(target.cfg, "cpu", torch.float32, cap, 1))
+    assert got.token_ids == want.token_ids and got.stats["l3_passes"] >= 2

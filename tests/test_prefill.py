@@ -98,3 +98,12 @@ def test_sdpa_attention_equals_reference(window):
     want = attention_reference(q, k, v, pos[23:], pos, window)
     got = sdpa_attention(q, k, v, pos[23:], pos, window)
     assert (got - want).abs().max() < 1e-5
+
+
+def test_progress_bar_on_stderr(checkpoint, tokenizer, long_text, capsys):
+    model = _model(checkpoint, "llama-gqa")
+    ids = _ids(tokenizer, long_text, 40)
+    cache = OffloadedCache(model.cfg, "cpu", torch.float32, capacity=64, on_chip_layers=1)
+    prefill_layer_major(model, torch.tensor(ids), cache, chunk_tokens=16, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "prefill" in captured.err and "/120" in captured.err  # 3 layers x 40 tokens
