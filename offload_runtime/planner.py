@@ -20,7 +20,7 @@ from .errors import UserError
 
 GiB = 2**30
 CUDA_RESERVE = 1 * GiB  # CUDA context, cuBLAS workspaces, allocator fragmentation
-HOST_RESERVE = 2 * GiB  # left free for the OS, Python and the weights' load path
+HOST_RESERVE = 2 * GiB  # left free for the OS, Python and the weights' load path (at most 5% of what is available)
 N_SLABS = 2
 PREFILL_CHUNK = 1024
 
@@ -194,8 +194,12 @@ def _layout(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, 
                 gpu, res.gpu_free, pinned, pinned * tp, res.host_available)
 
 
+def host_usable(available: int) -> int:
+    return available - min(HOST_RESERVE, available // 20)
+
+
 def _fits(p: Plan) -> bool:
-    host_ok = p.host_needed <= p.host_available - HOST_RESERVE
+    host_ok = p.host_needed <= host_usable(p.host_available)
     return host_ok if p.device == "cpu" else host_ok and p.gpu_needed <= p.gpu_free
 
 
@@ -217,7 +221,7 @@ def plan_memory(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resourc
         return plan
     g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
     hint = _max_context_hint(cfg, dtype, context, res, kw)
-    avail = max(0, plan.host_available - HOST_RESERVE)
+    avail = host_usable(plan.host_available)
     if plan.device == "cpu":
         raise UserError(f"needs {g(plan.host_needed)} GiB of host memory for {context} tokens (weights {g(plan.weights)}, "
                         f"KV cache {g(plan.on_chip_kv + plan.pinned_host + plan.slabs)}, retrieval {g(plan.retrieval)}), "

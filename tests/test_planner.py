@@ -150,13 +150,13 @@ def no_loading(monkeypatch):
 
 
 def test_cli_not_enough_host_memory(capsys, checkpoint, monkeypatch, no_loading):
-    monkeypatch.setattr(planner, "probe_resources", lambda device: Resources("cpu", 2 * GiB + 1000))
+    monkeypatch.setattr(planner, "probe_resources", lambda device: Resources("cpu", 1000))
     msg = cli_error(capsys, ["--model", str(checkpoint("llama")), "--prompt", PROMPT])
     assert "GiB of host memory for" in msg and "0.0 GiB available" in msg
 
 
 def test_cli_not_enough_pinned_host_memory(capsys, checkpoint, monkeypatch, no_loading):
-    res = Resources("cuda", 2 * GiB + 300 * 2**20, gpu_total=8 * GiB, gpu_free=8 * GiB)
+    res = Resources("cuda", 300 * 2**20, gpu_total=8 * GiB, gpu_free=8 * GiB)
     monkeypatch.setattr(planner, "probe_resources", lambda device: res)
     msg = cli_error(capsys, ["--model", str(checkpoint("llama")), "--prompt", PROMPT, "--on-chip-layers", "0",
                              "--max-context", "1000000"])
