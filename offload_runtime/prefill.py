@@ -9,21 +9,17 @@ would. The numbers equal a normal forward up to fp32 summation order.
 from __future__ import annotations
 
 import sys
-from typing import Callable
-
 import torch
 from tqdm import tqdm
 
 from .caches.base import KVCache
 from .caches.full import RECENT_QUERIES, FullCache
-from .caches.offloaded import OffloadedCache, attention_for
+from .caches.offloaded import AttentionFn, OffloadedCache, attention_for
 from .caches.retrieval import RetrievalCache
 from .model import CausalLM
 
 PREFILL_CHUNK = 1024  # prompt tokens per chunk within a layer
 PROGRESS_MIN_TOKENS = 8192  # show a progress bar (stderr, layers x tokens) from this prompt length on
-
-AttentionFn = Callable[..., torch.Tensor]
 
 
 class _LayerWriter(KVCache):

@@ -107,3 +107,17 @@ def test_progress_bar_on_stderr(checkpoint, tokenizer, long_text, capsys):
     prefill_layer_major(model, torch.tensor(ids), cache, chunk_tokens=16, progress=True)
     captured = capsys.readouterr()
     assert captured.out == "" and "prefill" in captured.err and "/120" in captured.err  # 3 layers x 40 tokens
+
+
+def test_rows_after_rollback_and_layer_major_rewrite(checkpoint, tokenizer, long_text):
+    """Rows rewritten after a rollback are read back as rewritten (no stale device copy of old rows)."""
+    model = _model(checkpoint, "llama-gqa")
+    ids = _ids(tokenizer, long_text, 100)
+    ref = FullCache(model.cfg, "cpu", torch.float32)
+    model(torch.tensor(ids), ref)
+    cache = OffloadedCache(model.cfg, "cpu", torch.float32, capacity=128, on_chip_layers=1)
+    model(torch.tensor(ids[:60]), cache)
+    model(torch.tensor([5, 6, 7]), cache)  # a rejected speculation at rows 60..62
+    cache.truncate(60)
+    prefill_layer_major(model, torch.tensor(ids[60:]), cache, chunk_tokens=16)
+    _assert_same_cache(cache, ref, 100, model.cfg.num_layers)

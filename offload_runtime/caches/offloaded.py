@@ -10,6 +10,8 @@ for the planned capacity and never zeroed (rows at and past `length` are garbage
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,7 @@ from ..kernels import attention as reference_attention
 from .base import KVCache
 from .full import RECENT_QUERIES
 
+AttentionFn = Callable[..., torch.Tensor]  # the reference kernel's signature
 KEEP_NEW_ROWS = 64  # a forward of at most this many tokens keeps its K/V on the device for rows()
 
 
@@ -34,7 +37,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
 
 
-def attention_for(device: torch.device):
+def attention_for(device: torch.device | str) -> AttentionFn:
     """SDPA on CUDA (the reference kernel upcasts a whole layer to fp32); the reference on CPU."""
     return sdpa_attention if torch.device(device).type == "cuda" else reference_attention
 
@@ -47,7 +50,7 @@ def kv_row_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
 class OffloadedCache(KVCache):
     def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, capacity: int,
                  on_chip_layers: int, backend: Backend | None = None, n_slabs: int = 2,
-                 attention_fn=None) -> None:
+                 attention_fn: AttentionFn | None = None) -> None:
         if not 0 <= on_chip_layers <= cfg.num_layers:
             raise UserError(f"--on-chip-layers {on_chip_layers} must be between 0 and the model's "
                             f"{cfg.num_layers} layers")
@@ -100,6 +103,7 @@ class OffloadedCache(KVCache):
             self._check_capacity(self.length + n_new)
             if self.pipeline is not None:
                 self.pipeline.begin_pass(self.length)
+        self._new[layer] = None  # rows at and after `length` are being rewritten
         if layer < self.on_chip_layers:
             buf = self.on_chip[layer]
         else:
