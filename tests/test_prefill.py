@@ -121,3 +121,5 @@ def test_rows_after_rollback_and_layer_major_rewrite(checkpoint, tokenizer, long
     cache.truncate(60)
     prefill_layer_major(model, torch.tensor(ids[60:]), cache, chunk_tokens=16)
     _assert_same_cache(cache, ref, 100, model.cfg.num_layers)
+    for layer in range(model.cfg.num_layers):  # exactly the rows the rejected forward had written
+        assert (cache.rows(layer, 60, 63)[0] - ref.rows(layer, 60, 63)[0]).abs().max() < TOL
