@@ -23,6 +23,7 @@ CUDA_RESERVE = 1 * GiB  # CUDA context, cuBLAS workspaces, allocator fragmentati
 HOST_RESERVE = 2 * GiB  # left free for the OS, Python and the weights' load path (at most 5% of what is available)
 N_SLABS = 2
 PREFILL_CHUNK = 1024
+MASK_BYTES = 512 << 20  # prefill.MASK_BYTES
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,8 @@ def _layout(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, 
     # layer-major prefill: the prompt's hidden states and rotary tables, one chunk's activations and
     # attention mask (SDPA on CUDA), logits of a verification block
     activations = (context * (cfg.hidden_size + 2 * cfg.head_dim) * b
-                   + chunk * (4 * cfg.hidden_size + 3 * cfg.intermediate_size // tp) * 4
-                   + chunk * context
+                   + chunk * (4 * cfg.hidden_size + 3 * cfg.intermediate_size // tp) * b
+                   + min(3 * cfg.kv_groups * chunk * context, MASK_BYTES)
                    + cfg.vocab_size * 64 * 4)
     if res.device == "cpu":
         # host and "device" are the same memory: nothing to gain, offload only when asked

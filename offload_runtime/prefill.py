@@ -18,7 +18,8 @@ from .caches.offloaded import AttentionFn, OffloadedCache, attention_for
 from .caches.retrieval import RetrievalCache
 from .model import CausalLM
 
-PREFILL_CHUNK = 1024  # prompt tokens per chunk within a layer
+PREFILL_CHUNK = 1024  # prompt tokens per chunk within a layer (at most)
+MASK_BYTES = 512 << 20  # bound on one chunk's attention mask (SDPA): fewer tokens per chunk at long contexts
 PROGRESS_MIN_TOKENS = 8192  # show a progress bar (stderr, layers x tokens) from this prompt length on
 
 
@@ -45,12 +46,14 @@ class _LayerWriter(KVCache):
 
 
 def prefill_layer_major(model: CausalLM, tokens: torch.Tensor, cache: FullCache | OffloadedCache,
-                        retrieval: RetrievalCache | None = None, chunk_tokens: int = PREFILL_CHUNK,
+                        retrieval: RetrievalCache | None = None, chunk_tokens: int | None = None,
                         progress: bool | None = None, attention_fn: AttentionFn | None = None,
                         retrieval_generated: int = 0) -> torch.Tensor:
     """Append `tokens` [T] to `cache` one layer at a time; build `retrieval` over the whole context
     (rows [0, length + T)) per layer on the way. Returns fp32 logits of the last token, [1, V]."""
     n = tokens.shape[0]
+    if chunk_tokens is None:
+        chunk_tokens = prefill_chunk(model.cfg.kv_groups, cache.length + n)
     if retrieval is not None:  # outside inference mode: its buffers are updated by later forwards
         retrieval.begin_build(cache.length + n, retrieval_generated)
     if progress is None:
@@ -84,6 +87,12 @@ def _layer_major(model: CausalLM, tokens: torch.Tensor, cache: FullCache | Offlo
     bar.close()
     cache.advance(n)
     return model.lm_head(model.model.norm(x[-1:])).float()
+
+
+def prefill_chunk(kv_groups: int, context: int) -> int:
+    """Tokens per chunk: PREFILL_CHUNK, fewer when one chunk's mask (G*chunk x context, bool and
+    its float bias) would pass MASK_BYTES."""
+    return max(64, min(PREFILL_CHUNK, MASK_BYTES // (3 * kv_groups * max(context, 1))))
 
 
 def prefill(model: CausalLM, prompt_ids: list[int], cache: KVCache, retrieval: RetrievalCache | None = None,

@@ -28,13 +28,19 @@ KEEP_NEW_ROWS = 64  # a forward of at most this many tokens keeps its K/V on the
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                    sliding_window: int | None = None) -> torch.Tensor:
-    """The reference kernel's contract (q [Hq, T, D], k/v [Hkv, L, D], positions) on torch SDPA:
-    a memory-efficient kernel, no fp32 copy of the layer, no repeat of K/V for GQA."""
-    allowed = k_pos[None, :] <= q_pos[:, None]
+    """The reference kernel's contract (q [Hq, T, D], k/v [Hkv, L, D], positions) on torch SDPA's
+    memory-efficient kernel: no fp32 copy of the layer, no repeat of K/V for GQA. The query heads
+    of a KV head are folded into its rows ([1, Hkv, G*T, D]), as the reference does, because SDPA's
+    enable_gqa with a mask falls back to the math kernel (the whole score matrix)."""
+    hq, t, d = q.shape
+    hkv = k.shape[0]
+    g = hq // hkv
+    allowed = k_pos[None, :] <= q_pos[:, None]  # [T, L]
     if sliding_window is not None:
         allowed = allowed & (q_pos[:, None] - k_pos[None, :] < sliding_window)
-    gqa = q.shape[0] != k.shape[0]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(q.reshape(1, hkv, g * t, d), k[None], v[None],
+                                         attn_mask=allowed.repeat(g, 1))
+    return out.reshape(hq, t, d)
 
 
 def attention_for(device: torch.device | str) -> AttentionFn:
