@@ -9,6 +9,7 @@ its bytes. Both keep the same accounting and, on request, a trace of what was is
 """
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from dataclasses import dataclass, fields
@@ -39,6 +40,9 @@ class TransferStats:
     def h2d_gbps(self) -> float | None:
         """Achieved host-to-device bandwidth in GB/s (1e9 bytes), over the copies' own time."""
         return self.h2d_bytes / self.h2d_s / 1e9 if self.h2d_s > 0 else None
+
+
+PAGE = 4096
 
 
 class _Done:
@@ -147,16 +151,23 @@ class CudaBackend(Backend):
         self._pending: list[tuple[str, Any, Any]] = []  # (what, start event, end event), in issue order
 
     def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Page-locked host memory of exactly this size: plain memory registered with cudaHostRegister.
-        (torch's pinned allocator rounds each block up to a power of two: 62 GiB would lock 64, 33 would lock 64.)"""
-        t = torch.empty(shape, dtype=dtype)
-        nbytes = t.numel() * t.element_size()
+        """Page-locked host memory of exactly this size: page-aligned plain memory registered with
+        cudaHostRegister (torch's pinned allocator rounds each block up to a power of two: a 62 GiB
+        cache would lock 64 GiB, a 33 GiB one 64 GiB)."""
         cudart = torch.cuda.cudart()
         register = getattr(cudart, "cudaHostRegister", None)
-        if nbytes == 0 or register is None or int(register(t.data_ptr(), nbytes, 0)) != 0:
-            del t
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if register is None or nbytes == 0:
             return torch.empty(shape, dtype=dtype, pin_memory=True)
-        weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
+        size = -(-nbytes // PAGE) * PAGE
+        raw = torch.empty(size + PAGE, dtype=torch.uint8)
+        offset = -raw.data_ptr() % PAGE
+        ptr = raw.data_ptr() + offset
+        err = register(ptr, size, 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of {size / 2**30:.1f} GiB failed (cudaError {int(err)})")
+        t = raw[offset : offset + nbytes].view(dtype).view(shape)
+        weakref.finalize(t, cudart.cudaHostUnregister, ptr)  # t (the caller keeps it) owns the registration
         return t
 
     def _event(self) -> Any:

@@ -148,3 +148,27 @@ def test_link_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert len(calls) == 1
     assert json.loads((tmp_path / "link_bandwidth.json").read_text()) == {"host|RTX 4090|0000:01:00": 24.5}
     assert probe.link_bandwidth(dev, refresh=True) == 24.5 and len(calls) == 2
+
+
+def test_cuda_host_buffers_are_exact_page_locked_blocks(monkeypatch):
+    """CudaBackend.host_empty registers a page-aligned block of exactly the size asked (checked with a fake cudart)."""
+    import gc
+    import types
+
+    from offload_runtime.cuda_streams import CudaBackend
+
+    calls = []
+    fake = types.SimpleNamespace(cudaHostRegister=lambda ptr, size, flags: calls.append(("reg", ptr, size)) or 0,
+                                 cudaHostUnregister=lambda ptr: calls.append(("unreg", ptr)) or 0)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    t = CudaBackend.host_empty(None, (3, 1000, 2, 2, 4), torch.float16)
+    assert t.shape == (3, 1000, 2, 2, 4) and t.dtype == torch.float16
+    (kind, ptr, size), = calls
+    assert ptr == t.data_ptr() and ptr % 4096 == 0 and size == -(-t.numel() * 2 // 4096) * 4096
+    t[2, 999] = 1.0  # the whole block is addressable
+    del t
+    gc.collect()
+    assert calls[-1] == ("unreg", ptr)
+    fake.cudaHostRegister = lambda ptr, size, flags: 2  # cudaErrorMemoryAllocation
+    with pytest.raises(RuntimeError, match="cudaHostRegister of .* GiB failed"):
+        CudaBackend.host_empty(None, (1000,), torch.float32)
