@@ -67,6 +67,7 @@ def _model(layers: int = 3) -> CausalLM:
     model = CausalLM(cfg)
     randomize(model)
     model.tie_weights()
+    model.rope.to("cuda")  # not an nn.Module: moved by hand, as loading does
     return model.to("cuda").eval().requires_grad_(False)
 
 
