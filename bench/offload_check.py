@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offload_runtime.caches.offloaded import OffloadedCache, sdpa_attention  # noqa: E402
 from offload_runtime.config import ModelConfig  # noqa: E402
-from offload_runtime.cuda_streams import CudaBackend, LayerPipeline, link_bandwidth  # noqa: E402
+from offload_runtime.cuda_streams import LayerPipeline, link_bandwidth, make_backend  # noqa: E402
 from offload_runtime.generate import generate_autoregressive  # noqa: E402
 from offload_runtime.model import CausalLM  # noqa: E402
 from offload_runtime.sampling import SamplingParams  # noqa: E402
@@ -32,17 +32,22 @@ from offload_runtime.synthetic import hf_config  # noqa: E402
 HEADS, HEAD_DIM, HIDDEN, INTER = 32, 128, 4096, 11008
 
 
-def l3_pass_bench(layers: int, context: int, passes: int, gamma: int) -> dict:
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def l3_pass_bench(layers: int, context: int, passes: int, gamma: int, dev: torch.device = torch.device("cuda"),
+                  dtype: torch.dtype = torch.float16) -> dict:
     """Stream `layers` 7B-shaped layers of `context` rows per pass, with the pass's compute per layer."""
-    dev = torch.device("cuda")
-    backend = CudaBackend(dev)
+    backend = make_backend(dev)
     t = time.perf_counter()
-    pipe = LayerPipeline(backend, layers, (2, HEADS, HEAD_DIM), context + 64, torch.float16)
+    pipe = LayerPipeline(backend, layers, (2, HEADS, HEAD_DIM), context + 64, dtype)
     alloc_s = time.perf_counter() - t
     pipe.host.fill_(0.01)
-    w = torch.randn(HIDDEN, 3 * INTER + 4 * HIDDEN, device=dev, dtype=torch.float16) * 0.01
-    x = torch.randn(gamma + 1, HIDDEN, device=dev, dtype=torch.float16)
-    q = torch.randn(HEADS, gamma + 1, HEAD_DIM, device=dev, dtype=torch.float16)
+    w = torch.randn(HIDDEN, 3 * INTER + 4 * HIDDEN, device=dev, dtype=dtype) * 0.01
+    x = torch.randn(gamma + 1, HIDDEN, device=dev, dtype=dtype)
+    q = torch.randn(HEADS, gamma + 1, HEAD_DIM, device=dev, dtype=dtype)
     pos = torch.arange(context + gamma + 1, device=dev)
 
     def one_pass() -> None:
@@ -56,19 +61,19 @@ def l3_pass_bench(layers: int, context: int, passes: int, gamma: int) -> dict:
             pipe.release(i, context, context + gamma + 1)
 
     one_pass()  # warm-up
-    torch.cuda.synchronize()
+    sync(dev)
     before = backend.collect()
     t = time.perf_counter()
     for _ in range(passes):
         one_pass()
-    torch.cuda.synchronize()
+    sync(dev)
     wall = (time.perf_counter() - t) / passes
     s = backend.collect().minus(before)
     # the same copies alone, for the copy-bound floor
     t = time.perf_counter()
     for i in range(layers):
-        pipe.slabs[i % 2][:context].copy_(pipe.host[i, :context], non_blocking=True)
-    torch.cuda.synchronize()
+        pipe.slabs[i % len(pipe.slabs)][:context].copy_(pipe.host[i, :context], non_blocking=True)
+    sync(dev)
     copy_only = time.perf_counter() - t
     return {
         "layers": layers, "context": context, "gamma": gamma, "passes": passes,
@@ -83,13 +88,13 @@ def l3_pass_bench(layers: int, context: int, passes: int, gamma: int) -> dict:
     }
 
 
-def end_to_end(layers: int, prompt: int, new_tokens: int) -> dict:
-    dev = torch.device("cuda")
+def end_to_end(layers: int, prompt: int, new_tokens: int, dev: torch.device = torch.device("cuda"),
+               dtype: torch.dtype = torch.float16) -> dict:
     cfg = ModelConfig.from_hf(hf_config("llama", 32000, num_hidden_layers=layers, hidden_size=HIDDEN,
                                         intermediate_size=INTER, num_attention_heads=HEADS, num_key_value_heads=HEADS,
                                         max_position_embeddings=prompt + new_tokens + 64))
     with torch.device(dev):
-        model = CausalLM(cfg).to(torch.float16)
+        model = CausalLM(cfg).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.02 * torch.randn_like(p))
@@ -103,7 +108,7 @@ def end_to_end(layers: int, prompt: int, new_tokens: int) -> dict:
     link = link_bandwidth(dev)
     for on_chip in (0, layers // 2):
         r = generate_autoregressive(model, ids, new_tokens, params, [], link_gbps=link,
-                                    full_cache=lambda cap: OffloadedCache(cfg, dev, torch.float16, cap, on_chip))
+                                    full_cache=lambda cap: OffloadedCache(cfg, dev, dtype, cap, on_chip))
         out[f"offloaded_on_chip_{on_chip}"] = {
             k: r.stats[k] for k in ("prefill_s", "decode_tokens_per_s", "h2d_bytes_per_token", "h2d_gbps",
                                     "copy_wait_fraction_of_l3", "link_fraction", "prefill_d2h_bytes")}
