@@ -32,6 +32,15 @@ $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/kern
 section "kernels: micro-benchmark"
 $PY -m bench.kernels_bench --out "$OUT/kernels_bench.json" 2>&1 | tee "$OUT/kernels_bench.log" || status=1
 
+# ==================== section: offload (issue 4) ====================
+# Host-resident full cache and transfer scheduler on CUDA (streams, events, pinned host
+# memory), offloaded parity, the link probe; then link bandwidth, achieved H2D GB/s and the
+# share of an L3 pass the compute waited on copies.
+section "offload: CUDA tests"
+timeout 240 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_offload.py -rs 2>&1 | tee "$OUT/offload_cuda_tests.log" || status=1
+section "offload: link and L3 pass"
+timeout 300 $PY bench/offload_check.py --out "$OUT/offload_check.json" 2>&1 | tee "$OUT/offload_check.log" || status=1
+
 # ==================== (next section goes here) ====================
 
 echo; echo "gpu_check: $([ $status -eq 0 ] && echo PASSED || echo FAILED); results in $OUT"

@@ -15,6 +15,7 @@ import tempfile
 import torch
 
 from . import loading, synthetic
+from .caches.offloaded import OffloadedCache
 from .engine import EngineSettings, generate_triforce
 from .generate import generate_autoregressive
 from .sampling import SamplingParams
@@ -45,10 +46,14 @@ def run_demo(args: argparse.Namespace) -> int:
                               draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window)
     n_new = min(args.max_new_tokens, 64)
     runs = []
+    # the full cache of 3 of the 4 target layers in host memory, streamed layer by layer
+    offloaded = lambda cap: OffloadedCache(target.model.cfg, device, target.model.dtype, cap, on_chip_layers=1)  # noqa: E731
     for name, fn in [
         ("autoregressive", lambda g: generate_autoregressive(target.model, ids, n_new, params, [], g)),
         ("triforce, 2 levels", lambda g: generate_triforce(target.model, None, ids, n_new, params, [], settings, g)),
         ("triforce, 3 levels", lambda g: generate_triforce(target.model, draft.model, ids, n_new, params, [], settings, g)),
+        ("triforce, offloaded", lambda g: generate_triforce(target.model, draft.model, ids, n_new, params, [], settings, g,
+                                                            full_cache=offloaded)),
     ]:
         runs.append((name, fn(torch.Generator(device=device).manual_seed(args.seed))))
     base = runs[0][1].token_ids

@@ -14,12 +14,15 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from .caches.base import KVCache
 from .caches.full import FullCache
+from .caches.offloaded import OffloadedCache
 from .caches.retrieval import RetrievalCache
 from .caches.streaming import StreamingCache
 from .errors import UserError
 from .generate import GenerationResult, TokenCallback, check_request, stop_index
 from .model import CausalLM
+from .prefill import prefill_layer_major
 from .sampling import SamplingParams, probabilities, sample
 from .speculative import verify
 
@@ -184,12 +187,20 @@ class Session:
     def __init__(self, target: CausalLM, draft: CausalLM | None, params: SamplingParams, eos_ids: list[int],
                  settings: EngineSettings = EngineSettings(), generator: torch.Generator | None = None,
                  mode: Literal["triforce", "autoregressive"] = "triforce", capacity: int = 0,
-                 progress: ProgressCallback | None = None) -> None:
+                 progress: ProgressCallback | None = None, full_cache: Callable[[int], KVCache] | None = None,
+                 layer_major: bool | None = None, link_gbps: float | None = None) -> None:
+        """full_cache: factory of the L3 cache for a capacity (default FullCache, which grows; an
+        OffloadedCache is host-resident and fixed). layer_major: prefill layer by layer (default:
+        when the cache is offloaded). link_gbps: the measured link, for the reports."""
         self.target, self.params, self.eos_ids, self.settings = target, params, eos_ids, settings
         self.generator, self.mode, self.progress = generator, mode, progress
         self.stats = Stats()
         self.context: list[int] = []
-        self.full = FullCache(target.cfg, target.device, target.dtype, capacity=capacity)
+        self.full = full_cache(capacity) if full_cache else FullCache(target.cfg, target.device, target.dtype,
+                                                                      capacity=capacity)
+        self.offloaded = isinstance(self.full, OffloadedCache)
+        self.layer_major = self.offloaded if layer_major is None else layer_major
+        self.link_gbps = link_gbps
         self.retrieval = RetrievalCache(target.cfg, target.device, target.dtype, settings.budget, settings.chunk_size) \
             if mode == "triforce" else None
         self.l1 = DraftLevel(draft, settings, params, generator, self.stats, target.cfg.vocab_size) \
@@ -213,7 +224,9 @@ class Session:
 
     @property
     def max_context(self) -> int:
-        return self.target.cfg.max_position_embeddings
+        """Tokens this session can hold: the model's context, or the planned size of a fixed cache."""
+        limit = self.target.cfg.max_position_embeddings
+        return min(limit, self.full.capacity) if self.offloaded else limit
 
     def extend(self, tokens: list[int]) -> None:
         """Append tokens (a prompt or a new turn) and prefill them now."""
@@ -236,15 +249,23 @@ class Session:
         if not todo:
             return
         dev = self.target.device
+        reselect = self.retrieval is not None and (self._reselect or self.retrieval.length < self.retrieval.base)
         t0 = time.perf_counter()
         done = 0
         try:
-            for start in range(0, len(todo), PREFILL_CHUNK):
-                chunk = todo[start:start + PREFILL_CHUNK]
-                self._logits = self.target(torch.tensor(chunk, device=dev), self.full, last_only=True)[-1]
-                done += len(chunk)
-                if self.progress:
-                    self.progress(done, len(todo))
+            if self.layer_major:  # each layer's K/V crosses the link once; the selection is built on the way
+                self._logits = prefill_layer_major(self.target, torch.tensor(todo, device=dev), self.full,
+                                                   self.retrieval if reselect else None)[-1]
+                done = len(todo)
+            else:
+                for start in range(0, len(todo), PREFILL_CHUNK):
+                    chunk = todo[start:start + PREFILL_CHUNK]
+                    self._logits = self.target(torch.tensor(chunk, device=dev), self.full, last_only=True)[-1]
+                    done += len(chunk)
+                    if self.progress:
+                        self.progress(done, len(todo))
+                if reselect:
+                    self.retrieval.build(self.full, self.full.length, [q[:, -1] for q in self.full.recent_queries])
         except BaseException:
             self._logits = None
             raise
@@ -252,13 +273,13 @@ class Session:
             self.stats.prefilled_tokens += done
             self.stats.prefills += 1
             self.stats.time["prefill"] += time.perf_counter() - t0
-        if self.retrieval is not None:
-            if self._reselect or self.retrieval.length < self.retrieval.base:
-                self.retrieval.build(self.full, self.full.length, [q[:, -1] for q in self.full.recent_queries])
-                self.stats.retrieval_builds += 1
-                self._reselect = False
-            else:
-                self.retrieval.write_rows(self.full, min(self.retrieval.length, self.full.length), self.full.length)
+        if self.offloaded:
+            self.full.mark_prefill_done()  # decode bytes are reported apart from prefill bytes
+        if reselect:
+            self.stats.retrieval_builds += 1
+            self._reselect = False
+        elif self.retrieval is not None:
+            self.retrieval.write_rows(self.full, min(self.retrieval.length, self.full.length), self.full.length)
 
     def _restore(self) -> None:
         """After an interruption: keep only cache rows that match committed context tokens."""
@@ -390,6 +411,8 @@ class Session:
             "draft_evicted_rows": self.l1.cache.evicted if self.l1 else 0,
         }
         stats.update(delta.as_dict())
+        if self.offloaded:
+            stats.update(self.full.report(len(out), delta.time["l3"], self.link_gbps))
         if self.mode == "autoregressive":
             for key in ("mean_accepted_per_pass", "l3_acceptance_of_l2", "l2_acceptance_of_l1"):
                 stats[key] = None
@@ -407,10 +430,14 @@ def generate_triforce(
     settings: EngineSettings = EngineSettings(),
     generator: torch.Generator | None = None,
     on_tokens: TokenCallback | None = None,
+    full_cache: Callable[[int], KVCache] | None = None,
+    layer_major: bool | None = None,
+    link_gbps: float | None = None,
 ) -> GenerationResult:
-    """Single-shot TriForce generation for one prompt."""
+    """Single-shot TriForce generation for one prompt (see Session for the cache arguments)."""
     check_request(target, len(prompt_ids), max_new_tokens)
     session = Session(target, draft, params, eos_ids, settings, generator, "triforce",
-                      capacity=len(prompt_ids) + max_new_tokens + settings.gamma + 1)
+                      capacity=len(prompt_ids) + max_new_tokens + settings.gamma + 1, full_cache=full_cache,
+                      layer_major=layer_major, link_gbps=link_gbps)
     session.extend(prompt_ids)
     return session.generate(max_new_tokens, on_tokens)

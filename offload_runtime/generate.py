@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from .caches.base import KVCache
 from .caches.full import FullCache
 from .model import CausalLM
 from .sampling import SamplingParams, probabilities, sample
@@ -50,15 +51,24 @@ def generate_autoregressive(
     params: SamplingParams,
     eos_ids: list[int],
     generator: torch.Generator | None = None,
-    cache: FullCache | None = None,
+    cache: KVCache | None = None,
     on_tokens: TokenCallback | None = None,
+    full_cache: Callable[[int], KVCache] | None = None,
+    layer_major: bool | None = None,
+    link_gbps: float | None = None,
 ) -> GenerationResult:
-    """One target forward per token over the full cache (EOS included in the output, as transformers does)."""
+    """One target forward per token over the full cache (EOS included in the output, as transformers does).
+    cache, or full_cache (a factory for a capacity): the cache to use, e.g. an OffloadedCache;
+    layer_major: prefill layer by layer (default: when the cache is offloaded)."""
+    from .caches.offloaded import OffloadedCache
+    from .prefill import prefill
+
     check_request(model, len(prompt_ids), max_new_tokens)
     if cache is None:
-        cache = FullCache(model.cfg, model.device, model.dtype, capacity=len(prompt_ids) + max_new_tokens)
+        capacity = len(prompt_ids) + max_new_tokens
+        cache = full_cache(capacity) if full_cache else FullCache(model.cfg, model.device, model.dtype, capacity=capacity)
     t0 = time.perf_counter()
-    logits = model(torch.tensor(prompt_ids, device=model.device), cache, last_only=True)
+    logits = prefill(model, prompt_ids, cache, None, layer_major)
     t_prefill = time.perf_counter() - t0
     out: list[int] = []
     t1 = time.perf_counter()
@@ -71,7 +81,7 @@ def generate_autoregressive(
             break
         logits = model(torch.tensor([token], device=model.device), cache)
     t_decode = time.perf_counter() - t1
-    return GenerationResult(out, {
+    stats = {
         "mode": "autoregressive",
         "prompt_tokens": len(prompt_ids),
         "new_tokens": len(out),
@@ -79,4 +89,7 @@ def generate_autoregressive(
         "decode_s": t_decode,
         "decode_tokens_per_s": len(out) / t_decode if t_decode > 0 else None,
         "target_forwards": len(out),
-    })
+    }
+    if isinstance(cache, OffloadedCache):
+        stats.update(cache.report(len(out), t_decode, link_gbps))
+    return GenerationResult(out, stats)

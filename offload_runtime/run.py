@@ -8,7 +8,9 @@ import argparse
 import json
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 from .errors import UserError
@@ -51,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: the checkpoint's dtype on CUDA, float32 on CPU")
-    g.add_argument("--on-chip-layers", default=None, help="N|auto: layers whose full cache stays on the GPU")
+    g.add_argument("--on-chip-layers", default="auto",
+                   help="N|auto: the first N layers' full cache stays on the GPU, the rest is streamed from host "
+                   "memory; auto: as many as the memory plan fits")
+    g.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
+                   help="host-resident full cache: auto = when the plan needs it (never on CPU), on = always, off = never")
+    g.add_argument("--max-context", type=int, default=None,
+                   help="tokens the full cache is planned and allocated for (default: prompt + --max-new-tokens + gamma + 1)")
     g = p.add_argument_group("output")
     g.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
     g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, prompt_tokens, stats")
@@ -99,8 +107,15 @@ def validate(args: argparse.Namespace) -> None:
     if args.sinks < 0 or args.window <= args.sinks:
         raise UserError(f"--window {args.window} must be larger than --sinks {args.sinks} (>= 0)")
     engine_settings(args)  # raises on inconsistent engine flags
-    if args.on_chip_layers is not None:
-        raise UserError("--on-chip-layers needs the host-resident cache, which is not built yet")
+    if args.on_chip_layers != "auto":
+        try:
+            n = int(args.on_chip_layers)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise UserError(f"--on-chip-layers must be a non-negative integer or auto, got {args.on_chip_layers}")
+    if args.max_context is not None and args.max_context <= 0:
+        raise UserError(f"--max-context must be positive, got {args.max_context}")
 
 
 def pick_device(name: str) -> Any:
@@ -113,12 +128,81 @@ def pick_device(name: str) -> Any:
     return torch.device(name)
 
 
-def load_models(args: argparse.Namespace) -> tuple[Any, Any]:
+def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_prompt: int) -> tuple[Any, Any]:
+    """Plan memory before any weight or cache is allocated: (plan, cache factory or None for FullCache).
+    Refuses (UserError) what does not fit, so nothing is left half-allocated."""
+    from . import loading
+    from .config import ModelConfig
+    from .planner import plan_memory, probe_resources
+
+    cfg = ModelConfig.from_hf(hf)
+    dtype = loading.pick_dtype(args.dtype, device, path, hf)
+    draft_cfg = None
+    if args.draft and args.mode == "triforce":
+        draft_cfg = ModelConfig.from_hf(loading.load_hf_config(loading.resolve_checkpoint(args.draft)))
+    slots = args.gamma + 1 if args.mode == "triforce" else 0
+    needed = n_prompt + args.max_new_tokens + slots
+    context = args.max_context or needed
+    if needed > context:
+        raise UserError(f"context of {needed} tokens (prompt {n_prompt} + {args.max_new_tokens} new"
+                        f"{f' + {slots} verification slots' if slots else ''}) is longer than --max-context {context}")
+    on_chip = None if args.on_chip_layers == "auto" else int(args.on_chip_layers)
+    plan = plan_memory(cfg, dtype, context, probe_resources(device), new_tokens=args.max_new_tokens + slots,
+                       budget=args.budget, draft_cfg=draft_cfg, draft_window=args.window,
+                       on_chip_layers=on_chip, offload=args.offload)
+    if not (plan.offload or args.offload == "on" or on_chip is not None):
+        return plan, None
+
+    def factory(model: Any) -> Any:
+        from .caches.offloaded import OffloadedCache
+
+        return lambda capacity: OffloadedCache(model.cfg, device, model.dtype, max(capacity, plan.context),
+                                               plan.on_chip_layers)
+
+    return plan, factory
+
+
+CHAT_HEADROOM = 16384  # tokens planned for a chat's turns beyond the document (raise with --max-context)
+
+
+@dataclass
+class Job:
+    """What is known before any weight is loaded: the device, the request's tokens and the memory plan."""
+    device: Any
+    prompt_ids: list[int] | None
+    plan: Any
+    cache_factory: Any  # model -> (capacity -> cache), or None for the growing on-device FullCache
+
+
+def prepare(args: argparse.Namespace, prompt: str | None, document: str | None) -> Job:
+    """Config, tokenizer and memory plan first: refuse before any weight or cache is allocated."""
+    from . import loading
+    from .config import ModelConfig
+    from .generate import check_request
+
+    device = pick_device(args.device)
+    path = loading.resolve_checkpoint(args.model)
+    hf = loading.load_hf_config(path)
+    cfg = ModelConfig.from_hf(hf)
+    tokenizer = loading.load_tokenizer(path)
+    prompt_ids = None
+    if prompt is not None:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        check_request(SimpleNamespace(cfg=cfg), len(prompt_ids), args.max_new_tokens)
+        planned = len(prompt_ids)
+    else:  # a chat: the document plus room for the conversation, within the model's context
+        n_doc = len(tokenizer(document)["input_ids"]) if document else 0
+        room = cfg.max_position_embeddings - args.max_new_tokens - args.gamma - 1
+        planned = max(n_doc, min(room, n_doc + CHAT_HEADROOM))
+    plan, factory = plan_run(args, device, path, hf, planned)
+    return Job(device, prompt_ids, plan, factory)
+
+
+def load_models(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
     """The target (with tokenizer) and the optional draft, checked for a shared vocabulary."""
     from . import loading
     from .engine import check_same_vocabulary
 
-    device = pick_device(args.device)
     target = loading.load(args.model, device, args.dtype)
     draft = None
     if args.draft and args.mode == "triforce":
@@ -134,7 +218,16 @@ def engine_settings(args: argparse.Namespace) -> Any:
                           draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window)
 
 
-def generate_once(args: argparse.Namespace, prompt: str, target: Any, draft: Any) -> dict:
+def offload_kwargs(job: Job, target: Any) -> dict:
+    """The cache arguments of the engine for this plan (empty: the default on-device cache)."""
+    if job.cache_factory is None:
+        return {}
+    from .cuda_streams import link_bandwidth
+
+    return dict(full_cache=job.cache_factory(target.model), link_gbps=link_bandwidth(job.device))
+
+
+def generate_once(args: argparse.Namespace, job: Job, target: Any, draft: Any) -> dict:
     import torch
 
     from .console import TextStreamer
@@ -143,23 +236,25 @@ def generate_once(args: argparse.Namespace, prompt: str, target: Any, draft: Any
     from .sampling import SamplingParams
 
     params = SamplingParams(args.temperature, args.top_p)
-    prompt_ids = target.tokenizer(prompt)["input_ids"]
-    generator = torch.Generator(device=target.model.device).manual_seed(args.seed)
+    prompt_ids = job.prompt_ids
+    generator = torch.Generator(device=job.device).manual_seed(args.seed)
     stream = None if args.json else TextStreamer(target.tokenizer)
+    offload = offload_kwargs(job, target)
     if args.mode == "autoregressive":
         result = generate_autoregressive(target.model, prompt_ids, args.max_new_tokens, params,
-                                         target.eos_ids, generator, on_tokens=stream)
+                                         target.eos_ids, generator, on_tokens=stream, **offload)
     else:
         result = generate_triforce(target.model, draft.model if draft else None, prompt_ids,
                                    args.max_new_tokens, params, target.eos_ids, engine_settings(args), generator,
-                                   on_tokens=stream)
+                                   on_tokens=stream, **offload)
     if stream:
         stream.finish()
+    result.stats["memory_plan"] = job.plan.as_dict()
     text = target.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     return {"text": text, "token_ids": result.token_ids, "prompt_tokens": len(prompt_ids), "stats": result.stats}
 
 
-def chat(args: argparse.Namespace, target: Any, draft: Any) -> int:
+def chat(args: argparse.Namespace, job: Job, document: str | None, target: Any, draft: Any) -> int:
     import torch
 
     from .chat import ChatSession, run_chat
@@ -169,11 +264,10 @@ def chat(args: argparse.Namespace, target: Any, draft: Any) -> int:
 
     # Ctrl-C must reach us as KeyboardInterrupt even when started with SIGINT ignored (e.g. a background job)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    document = read_text(args.context_file, "context file") if args.context_file else None
     first = read_text(args.prompt_file, "prompt file") if args.prompt_file else args.prompt
-    generator = torch.Generator(device=target.model.device).manual_seed(args.seed)
+    generator = torch.Generator(device=job.device).manual_seed(args.seed)
     session = Session(target.model, draft.model if draft else None, SamplingParams(args.temperature, args.top_p),
-                      target.eos_ids, engine_settings(args), generator, args.mode)
+                      target.eos_ids, engine_settings(args), generator, args.mode, **offload_kwargs(job, target))
     progress = PrefillProgress()
     try:
         conversation = ChatSession(session, target.tokenizer, document, args.max_new_tokens, progress)
@@ -192,6 +286,13 @@ def summary_line(stats: dict) -> str:
         parts.append(f"{stats['decode_tokens_per_s']:.2f} tok/s")
     if stats.get("mean_accepted_per_pass") is not None:
         parts.append(f"{stats['mean_accepted_per_pass']:.2f} tok/L3 pass")
+    if stats.get("offloaded_layers"):
+        parts.append(f"{stats['offloaded_layers']} layers offloaded")
+        if stats.get("h2d_bytes_per_token"):
+            parts.append(f"H2D {stats['h2d_bytes_per_token'] / 2**20:.1f} MiB/tok")
+        if stats.get("h2d_gbps"):
+            link = f" ({stats['link_fraction']:.0%} of link)" if stats.get("link_fraction") else ""
+            parts.append(f"{stats['h2d_gbps']:.1f} GB/s{link}")
     return "[" + ", ".join(parts) + "]"
 
 
@@ -206,11 +307,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args)
-        prompt = None if args.chat else prompt_text(args)  # file errors before the slow model load
-        target, draft = load_models(args)
+        # file errors and the memory plan before the slow model load
+        prompt = None if args.chat else prompt_text(args)
+        document = read_text(args.context_file, "context file") if args.chat and args.context_file else None
+        job = prepare(args, prompt, document)
+        target, draft = load_models(args, job.device)
         if args.chat:
-            return chat(args, target, draft)
-        out = generate_once(args, prompt, target, draft)
+            return chat(args, job, document, target, draft)
+        out = generate_once(args, job, target, draft)
         if args.json:
             print(json.dumps(out))
         else:

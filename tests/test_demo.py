@@ -11,7 +11,8 @@ def test_demo_json(capsys):
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     assert out["synthetic"] is True and "SYNTHETIC" in captured.err and "--model" in captured.err
-    assert [r["mode"] for r in out["runs"]] == ["autoregressive", "triforce, 2 levels", "triforce, 3 levels"]
+    assert [r["mode"] for r in out["runs"]] == ["autoregressive", "triforce, 2 levels", "triforce, 3 levels",
+                                               "triforce, offloaded"]
     assert all(r["identical_to_autoregressive"] for r in out["runs"])
     assert out["prompt_tokens"] > 1000
 

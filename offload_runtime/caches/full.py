@@ -49,6 +49,16 @@ class FullCache(KVCache):
             self.cfg.sliding_windows[layer],
         )
 
+    def open_layer(self, layer: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V buffers [Hkv, capacity, D] of `layer` for writing rows [length, length + n_new)
+        (the layer-major prefill's access; OffloadedCache has the same pair of calls)."""
+        if layer == 0:
+            self._reserve(self.length + n_new)
+        return self.k[layer], self.v[layer]
+
+    def close_layer(self, layer: int, start: int, stop: int) -> None:
+        """Rows [start, stop) of `layer` are final (nothing to write back: the buffer is the cache)."""
+
     def rows(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V rows [start, stop) of a layer (views)."""
         return self.k[layer][:, start:stop], self.v[layer][:, start:stop]

@@ -18,10 +18,15 @@ from .base import KVCache, grown_capacity
 from .full import FullCache
 
 
+_MEAN_BLOCK = 1024  # chunks averaged at a time while building a selection
+
+
 class RetrievalCache(KVCache):
-    def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, budget: int, chunk_size: int) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, budget: int, chunk_size: int,
+                 reserve_rows: int = 64) -> None:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.budget, self.chunk_size = budget, chunk_size
+        self.reserve_rows = reserve_rows  # rows allocated past the selection at build (generated tokens)
         self.length = 0  # logical length: absolute position of the next token
         self.base = 0  # context length the selection was built from
         self.selected = 0  # rows of the selection (same for every head)
@@ -33,10 +38,10 @@ class RetrievalCache(KVCache):
     def _slot(self, length: int) -> int:
         return self.selected + (length - self.base)
 
-    def _reserve(self, rows: int) -> None:
+    def _reserve(self, rows: int, exact: bool = False) -> None:
         if rows <= self.capacity:
             return
-        cap = grown_capacity(rows, self.capacity)
+        cap = -(-rows // 256) * 256 if exact else grown_capacity(rows, self.capacity)
         hkv, d = self.cfg.num_kv_heads, self.cfg.head_dim
         used = self._slot(self.length)
         new_k = [torch.empty(hkv, cap, d, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
@@ -59,32 +64,43 @@ class RetrievalCache(KVCache):
     def build(self, full: FullCache, prompt_len: int, queries: list[torch.Tensor]) -> None:
         """Select from rows [0, prompt_len) of `full` with queries[layer] [Hq, D]; copy rows
         [prompt_len, full.length) (already generated tokens) after the selection."""
-        c = self.chunk_size
-        n_full, keep, tail = self.selection_plan(prompt_len)
-        hkv, d = self.cfg.num_kv_heads, self.cfg.head_dim
-        selected = keep * c + tail
-        self.base = self.length = prompt_len
-        self.selected, self.capacity, self.k, self.v = 0, 0, [], []
-        self.pos = torch.zeros(hkv, 0, dtype=torch.long, device=self.device)
-        self._reserve(selected + (full.length - prompt_len) + 64)
-        self.selected = selected
-        all_pos = torch.arange(prompt_len, device=self.device)
+        self.begin_build(prompt_len, full.length - prompt_len)
         for layer in range(self.cfg.num_layers):
-            k_all, v_all = full.rows(layer, 0, prompt_len)
-            if keep == n_full:  # everything fits: the selection is the whole prompt
-                rows = all_pos[None, :].expand(hkv, -1)
-            else:
-                chunk_keys = k_all[:, : n_full * c].reshape(hkv, n_full, c, d).float().mean(2)
-                idx = select_chunks(chunk_keys, queries[layer], keep)  # [Hkv, keep]
-                rows = (idx[:, :, None] * c + torch.arange(c, device=self.device)).reshape(hkv, -1)
-                rows = torch.cat([rows, all_pos[n_full * c :][None, :].expand(hkv, -1)], dim=1)
-            gather = rows[:, :, None].expand(-1, -1, d)
-            self.k[layer][:, : self.selected] = torch.gather(k_all, 1, gather.to(k_all.device))
-            self.v[layer][:, : self.selected] = torch.gather(v_all, 1, gather.to(v_all.device))
-            if layer == 0:
-                self.pos[:, : self.selected] = rows
+            self.build_layer(layer, *full.rows(layer, 0, prompt_len), queries[layer])
         if full.length > prompt_len:
             self.write_rows(full, prompt_len, full.length)
+
+    def begin_build(self, prompt_len: int, generated: int = 0) -> None:
+        """Start a selection over a context of prompt_len rows, one layer at a time (build_layer),
+        so the layer-major prefill can select each layer while its K/V is still on the device."""
+        n_full, keep, tail = self.selection_plan(prompt_len)
+        self.base = self.length = prompt_len
+        self.selected, self.capacity, self.k, self.v = 0, 0, [], []
+        self.pos = torch.zeros(self.cfg.num_kv_heads, 0, dtype=torch.long, device=self.device)
+        self._reserve(keep * self.chunk_size + tail + generated + self.reserve_rows, exact=True)
+        self.selected = keep * self.chunk_size + tail
+
+    def build_layer(self, layer: int, k_all: torch.Tensor, v_all: torch.Tensor, query: torch.Tensor) -> None:
+        """Select `layer`'s rows from its context K/V [Hkv, prompt_len, D] (device or host) with query [Hq, D]."""
+        c = self.chunk_size
+        n_full, keep, tail = self.selection_plan(self.base)
+        hkv, d = self.cfg.num_kv_heads, self.cfg.head_dim
+        all_pos = torch.arange(self.base, device=self.device)
+        if keep == n_full:  # everything fits: the selection is the whole prompt
+            rows = all_pos[None, :].expand(hkv, -1)
+        else:
+            chunk_keys = torch.empty(hkv, n_full, d, dtype=torch.float32, device=k_all.device)
+            for a in range(0, n_full, _MEAN_BLOCK):  # in blocks: no fp32 copy of a whole 128K-token layer
+                b = min(n_full, a + _MEAN_BLOCK)
+                chunk_keys[:, a:b] = k_all[:, a * c : b * c].reshape(hkv, b - a, c, d).float().mean(2)
+            idx = select_chunks(chunk_keys.to(query.device), query, keep).to(self.device)  # [Hkv, keep]
+            rows = (idx[:, :, None] * c + torch.arange(c, device=self.device)).reshape(hkv, -1)
+            rows = torch.cat([rows, all_pos[n_full * c :][None, :].expand(hkv, -1)], dim=1)
+        gather = rows[:, :, None].expand(-1, -1, d).to(k_all.device)
+        self.k[layer][:, : self.selected] = torch.gather(k_all, 1, gather)
+        self.v[layer][:, : self.selected] = torch.gather(v_all, 1, gather)
+        if layer == 0:
+            self.pos[:, : self.selected] = rows
 
     def write_rows(self, full: FullCache, start: int, stop: int) -> None:
         """Make rows [start, stop) equal to the full cache's (the L3 pass computed them); length = stop."""

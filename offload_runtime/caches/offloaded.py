@@ -1,0 +1,189 @@
+"""The L3 full cache with host-resident layers: the first `on_chip_layers` layers on the
+device, the others in (pinned, on CUDA) host memory, streamed through the transfer
+scheduler one layer at a time. Same interface as FullCache, so the engine and the
+autoregressive baseline take either.
+
+Every layer stores rows token-major, [capacity, 2 (K, V), Hkv, D]: a row range is one
+contiguous block, so a pass copies rows [0, length) of a layer in one DMA and writes
+back only the new rows [length, length + n) in another. Everything is allocated once
+for the planned capacity and never zeroed (rows at and past `length` are garbage).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..cuda_streams import Backend, LayerPipeline, TransferStats, make_backend
+from ..errors import UserError
+from ..kernels import attention as reference_attention
+from .base import KVCache
+from .full import RECENT_QUERIES
+
+AttentionFn = Callable[..., torch.Tensor]  # the reference kernel's signature
+KEEP_NEW_ROWS = 64  # a forward of at most this many tokens keeps its K/V on the device for rows()
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                   sliding_window: int | None = None) -> torch.Tensor:
+    """The reference kernel's contract (q [Hq, T, D], k/v [Hkv, L, D], positions) on torch SDPA's
+    memory-efficient kernel: no fp32 copy of the layer, no repeat of K/V for GQA. The query heads
+    of a KV head are folded into its rows ([1, Hkv, G*T, D]), as the reference does, because SDPA's
+    enable_gqa with a mask falls back to the math kernel (the whole score matrix)."""
+    hq, t, d = q.shape
+    hkv = k.shape[0]
+    g = hq // hkv
+    allowed = k_pos[None, :] <= q_pos[:, None]  # [T, L]
+    if sliding_window is not None:
+        allowed = allowed & (q_pos[:, None] - k_pos[None, :] < sliding_window)
+    out = F.scaled_dot_product_attention(q.reshape(1, hkv, g * t, d), k[None], v[None],
+                                         attn_mask=allowed.repeat(g, 1))
+    return out.reshape(hq, t, d)
+
+
+def attention_for(device: torch.device | str) -> AttentionFn:
+    """SDPA on CUDA (the reference kernel upcasts a whole layer to fp32); the reference on CPU."""
+    return sdpa_attention if torch.device(device).type == "cuda" else reference_attention
+
+
+def kv_row_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one token's K and V in one layer."""
+    return 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+class OffloadedCache(KVCache):
+    def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, capacity: int,
+                 on_chip_layers: int, backend: Backend | None = None, n_slabs: int = 2,
+                 attention_fn: AttentionFn | None = None) -> None:
+        if not 0 <= on_chip_layers <= cfg.num_layers:
+            raise UserError(f"--on-chip-layers {on_chip_layers} must be between 0 and the model's "
+                            f"{cfg.num_layers} layers")
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.capacity, self.on_chip_layers = capacity, on_chip_layers
+        self.length = 0
+        self.backend = backend if backend is not None else make_backend(self.device)
+        self.attention = attention_fn or attention_for(self.device)
+        row = (2, cfg.num_kv_heads, cfg.head_dim)
+        n_off = cfg.num_layers - on_chip_layers
+        self.on_chip: list[torch.Tensor] = []
+        self.pipeline: LayerPipeline | None = None
+        try:
+            self.on_chip = [torch.empty((capacity,) + row, dtype=dtype, device=self.device)
+                            for _ in range(on_chip_layers)]
+            if n_off:
+                self.pipeline = LayerPipeline(self.backend, n_off, row, capacity, dtype, n_slabs)
+        except RuntimeError as exc:  # out of device or pinned memory: leave nothing half-allocated
+            self.on_chip, self.pipeline = [], None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            gib = kv_row_bytes(cfg, dtype) * capacity * cfg.num_layers / 2**30
+            raise UserError(f"cannot allocate the {gib:.1f} GiB full KV cache for {capacity} tokens "
+                            f"({on_chip_layers} layers on the device, {n_off} in host memory): "
+                            f"{str(exc).splitlines()[0]}") from None
+        self.recent_queries: list[torch.Tensor | None] = [None] * cfg.num_layers
+        self._new: list[tuple[int, torch.Tensor, torch.Tensor] | None] = [None] * cfg.num_layers
+        self.prefill_stats: TransferStats | None = None
+
+    @property
+    def offloaded_layers(self) -> int:
+        return self.cfg.num_layers - self.on_chip_layers
+
+    def bytes_per_pass(self, length: int) -> int:
+        """Host-to-device bytes of one pass over a cache of `length` rows: the offloaded layers' K/V."""
+        return self.offloaded_layers * length * kv_row_bytes(self.cfg, self.dtype)
+
+    # -- layer access shared by attend() and the layer-major prefill --------------------------------
+    def _check_capacity(self, end: int) -> None:
+        if end > self.capacity:
+            raise UserError(f"context of {end} tokens is longer than the {self.capacity} tokens the cache "
+                            f"was planned for (--max-context)")
+
+    def open_layer(self, layer: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device views K, V [Hkv, capacity, D] of `layer` with rows [0, length) in place; the caller
+        writes rows [length, length + n_new), then calls close_layer. Layer 0 starts a pass."""
+        if layer == 0:
+            self._check_capacity(self.length + n_new)
+            if self.pipeline is not None:
+                self.pipeline.begin_pass(self.length)
+        self._new[layer] = None  # rows at and after `length` are being rewritten
+        if layer < self.on_chip_layers:
+            buf = self.on_chip[layer]
+        else:
+            buf = self.pipeline.acquire(layer - self.on_chip_layers)
+        return buf[:, 0].transpose(0, 1), buf[:, 1].transpose(0, 1)
+
+    def close_layer(self, layer: int, start: int, stop: int) -> None:
+        """Rows [start, stop) of `layer` are final: write them back (offloaded layers only)."""
+        if layer >= self.on_chip_layers:
+            self.pipeline.release(layer - self.on_chip_layers, start, stop)
+
+    # -- the KVCache interface ----------------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = k.shape[1]
+        start, end = self.length, self.length + n
+        k_buf, v_buf = self.open_layer(layer, n)
+        k_buf[:, start:end] = k
+        v_buf[:, start:end] = v
+        self.recent_queries[layer] = q[:, -RECENT_QUERIES:].clone()
+        self._new[layer] = (start, k, v) if n <= KEEP_NEW_ROWS else None
+        k_pos = torch.arange(end, device=q.device)
+        out = self.attention(q, k_buf[:, :end], v_buf[:, :end], k_pos[start:], k_pos,
+                             self.cfg.sliding_windows[layer])
+        self.close_layer(layer, start, end)
+        return out
+
+    def rows(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows [start, stop) of a layer, [Hkv, n, D]. Rows of the last short forward come
+        from the device (no host read); other rows of offloaded layers are host views."""
+        if layer < self.on_chip_layers:
+            buf = self.on_chip[layer][start:stop]
+        else:
+            new = self._new[layer]
+            if new is not None and new[0] <= start and stop <= new[0] + new[1].shape[1]:
+                a, b = start - new[0], stop - new[0]
+                return new[1][:, a:b], new[2][:, a:b]
+            buf = self.pipeline.host_rows(layer - self.on_chip_layers, start, stop)
+        return buf[:, 0].transpose(0, 1), buf[:, 1].transpose(0, 1)
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} rows to {length}")
+        self.length = length
+
+    # -- reports ------------------------------------------------------------------------------------
+    def transfer_stats(self) -> TransferStats:
+        return self.backend.collect()
+
+    def mark_prefill_done(self) -> None:
+        """Remember the counters at the end of prefill, so decode bytes are reported apart."""
+        self.prefill_stats = self.transfer_stats()
+
+    def report(self, new_tokens: int, l3_seconds: float | None, link_gbps: float | None = None) -> dict:
+        """Offload stats for a result dict: prefill and decode bytes, bytes/token, GB/s, copy waits."""
+        total = self.transfer_stats()
+        pre = self.prefill_stats or TransferStats()
+        dec = total.minus(pre)
+        gbps = dec.h2d_gbps
+        out = {
+            "offload_backend": self.backend.name,
+            "on_chip_layers": self.on_chip_layers,
+            "offloaded_layers": self.offloaded_layers,
+            "cache_capacity_tokens": self.capacity,
+            "host_cache_bytes": self.pipeline.host_bytes if self.pipeline else 0,
+            "slab_bytes": self.pipeline.slab_bytes if self.pipeline else 0,
+            "prefill_h2d_bytes": pre.h2d_bytes,
+            "prefill_d2h_bytes": pre.d2h_bytes,
+            "h2d_bytes": dec.h2d_bytes,
+            "d2h_bytes": dec.d2h_bytes,
+            "h2d_bytes_per_token": dec.h2d_bytes / new_tokens if new_tokens else None,
+            "h2d_gbps": gbps,
+            "copy_wait_s": dec.wait_s,
+            "copy_wait_fraction_of_l3": dec.wait_s / l3_seconds if l3_seconds else None,
+            "link_gbps": link_gbps,
+            "link_fraction": gbps / link_gbps if gbps and link_gbps else None,
+        }
+        return out

@@ -1,0 +1,251 @@
+"""The memory planner: what goes where for a context length, and a refusal when it cannot fit.
+
+From the model config, dtype, planned context, retrieval budget, draft and TP degree it
+counts the GPU's share (weights, retrieval cache, draft, slabs, activations, a fixed
+reserve for the CUDA context and allocator) and the host's share (the offloaded layers'
+full cache, pinned), picks the on-chip layers (`--on-chip-layers auto`: as many as fit
+after everything else) and refuses, with one line naming the numbers, a plan that does
+not fit. GPU memory comes from pynvml (nvidia-ml-py), host memory from psutil; without
+an NVIDIA driver (or with --device cpu) it plans for the CPU: everything in host memory.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .caches.base import grown_capacity
+from .config import ModelConfig
+from .errors import UserError
+
+GiB = 2**30
+CUDA_RESERVE = 1 * GiB  # CUDA context, cuBLAS workspaces, allocator fragmentation
+HOST_RESERVE = 2 * GiB  # left free for the OS, Python and the weights' load path (at most 5% of what is available)
+N_SLABS = 2
+PREFILL_CHUNK = 1024
+MASK_BYTES = 512 << 20  # prefill.MASK_BYTES
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the machine has: device kind, GPU memory (bytes, per GPU), host memory available."""
+
+    device: str  # "cuda" or "cpu"
+    host_available: int
+    gpu_total: int = 0
+    gpu_free: int = 0
+    gpu_name: str = ""
+
+
+def gpu_memory(index: int = 0) -> tuple[int, int, str] | None:
+    """(total, free, name) of GPU `index` from NVML, or None without an NVIDIA driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        handle = None
+        if torch.cuda.is_available():  # NVML numbers devices without CUDA_VISIBLE_DEVICES: match by PCI bus
+            props = torch.cuda.get_device_properties(index)
+            bus = getattr(props, "pci_bus_id", None)
+            if bus is not None:
+                bus_id = f"{getattr(props, 'pci_domain_id', 0):08x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
+                try:
+                    handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+                except Exception:
+                    handle = None
+        if handle is None:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        name = pynvml.nvmlDeviceGetName(handle)
+        return int(info.total), int(info.free), name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def host_available() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def probe_resources(device: torch.device | str) -> Resources:
+    """Resources for planning on `device`: NVML for a CUDA device (CPU plan without a driver), psutil for RAM."""
+    device = torch.device(device)
+    gpu = gpu_memory(device.index or 0) if device.type == "cuda" else None
+    if gpu is None and device.type == "cuda" and torch.cuda.is_available():  # no NVML: ask the CUDA runtime
+        free, total = torch.cuda.mem_get_info(device)
+        gpu = total, free, torch.cuda.get_device_name(device)
+    if gpu is None:
+        return Resources("cpu", host_available())
+    total, free, name = gpu
+    return Resources("cuda", host_available(), total, free, name)
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of a Llama-family model from its config (what loading allocates)."""
+    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    attn = h * d * (cfg.num_heads * 2 + cfg.num_kv_heads * 2)
+    if cfg.qkv_bias:
+        attn += d * (cfg.num_heads + 2 * cfg.num_kv_heads)
+    if cfg.o_bias:
+        attn += h
+    mlp = 3 * h * i + ((2 * i + h) if cfg.mlp_bias else 0)
+    per_layer = attn + mlp + 2 * h
+    embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return cfg.num_layers * per_layer + embed + h
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+@dataclass
+class Plan:
+    device: str
+    context: int  # tokens the full cache is allocated for
+    on_chip_layers: int
+    offloaded_layers: int
+    weights: int
+    retrieval: int
+    draft: int
+    on_chip_kv: int
+    slabs: int
+    activations: int
+    reserve: int
+    gpu_needed: int
+    gpu_free: int
+    pinned_host: int  # host-resident full cache (pinned on CUDA), this process
+    host_needed: int  # everything this machine's RAM must hold (all TP ranks)
+    host_available: int
+
+    @property
+    def offload(self) -> bool:
+        return self.offloaded_layers > 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
+        if self.device == "cpu":
+            return (f"plan (cpu): {self.context} tokens, host {g(self.host_needed)} of {g(self.host_available)} GiB "
+                    f"(weights {g(self.weights)}, KV cache {g(self.on_chip_kv + self.pinned_host)})")
+        return (f"plan ({self.device}): {self.context} tokens, {self.on_chip_layers} on-chip layers, "
+                f"{self.offloaded_layers} offloaded; GPU {g(self.gpu_needed)} of {g(self.gpu_free)} GiB free "
+                f"(weights {g(self.weights)}, retrieval {g(self.retrieval)}, draft {g(self.draft)}, "
+                f"slabs {g(self.slabs)}, on-chip KV {g(self.on_chip_kv)}); pinned host {g(self.pinned_host)} GiB")
+
+
+def _layout(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, *, new_tokens: int, budget: int,
+            draft_cfg: ModelConfig | None, draft_window: int, tp: int, on_chip: int | None,
+            offload: str) -> Plan:
+    """The plan for one context length (no checks); on_chip None = as many as fit."""
+    b = dtype_bytes(dtype)
+    layers = cfg.num_layers
+    kv_row = 2 * (cfg.num_kv_heads // tp) * cfg.head_dim * b  # one token, one layer, this rank
+    layer_kv = context * kv_row
+    weights = count_parameters(cfg) * b // tp
+    prompt = max(0, context - new_tokens)
+    retrieval_rows = min(prompt, budget) + new_tokens + 64  # as RetrievalCache.begin_build allocates
+    retrieval = layers * (-(-retrieval_rows // 256) * 256) * kv_row
+    draft = 0
+    if draft_cfg is not None:
+        draft_row = 2 * draft_cfg.num_kv_heads * draft_cfg.head_dim * b
+        draft = count_parameters(draft_cfg) * b + draft_cfg.num_layers * grown_capacity(draft_window + 64, 0, 64) * draft_row
+    chunk = min(PREFILL_CHUNK, max(prompt, 1))
+    # layer-major prefill: the prompt's hidden states and rotary tables, one chunk's activations and
+    # attention mask (SDPA on CUDA), logits of a verification block
+    activations = (context * (cfg.hidden_size + 2 * cfg.head_dim) * b
+                   + chunk * (4 * cfg.hidden_size + 3 * cfg.intermediate_size // tp) * b
+                   + min(3 * cfg.kv_groups * chunk * context, MASK_BYTES)
+                   + cfg.vocab_size * 64 * 4)
+    if res.device == "cpu":
+        # host and "device" are the same memory: nothing to gain, offload only when asked
+        n_on = on_chip if on_chip is not None else (0 if offload == "on" else layers)
+        n_off = layers - n_on
+        slabs = min(N_SLABS, n_off) * layer_kv
+        on_kv, pinned = n_on * layer_kv, n_off * layer_kv
+        host = weights + retrieval + draft + activations + on_kv + pinned + slabs
+        return Plan("cpu", context, n_on, n_off, weights, retrieval, draft, on_kv, slabs, activations, 0,
+                    0, 0, pinned, host * tp, res.host_available)
+    fixed = weights + retrieval + draft + activations + CUDA_RESERVE
+    if offload == "off":
+        n_on = layers
+    elif on_chip is not None:
+        n_on = on_chip
+    elif offload == "on":
+        n_on = max(0, min(layers - 1, (res.gpu_free - fixed - N_SLABS * layer_kv) // max(layer_kv, 1)))
+    elif fixed + layers * layer_kv <= res.gpu_free:
+        n_on = layers  # everything fits: no offloading
+    else:
+        n_on = max(0, min(layers - 1, (res.gpu_free - fixed - N_SLABS * layer_kv) // max(layer_kv, 1)))
+    n_off = layers - n_on
+    slabs = min(N_SLABS, n_off) * layer_kv
+    on_kv, pinned = n_on * layer_kv, n_off * layer_kv
+    gpu = fixed + on_kv + slabs
+    return Plan(res.device, context, n_on, n_off, weights, retrieval, draft, on_kv, slabs, activations, CUDA_RESERVE,
+                gpu, res.gpu_free, pinned, pinned * tp, res.host_available)
+
+
+def host_usable(available: int) -> int:
+    return available - min(HOST_RESERVE, available // 20)
+
+
+def _fits(p: Plan) -> bool:
+    host_ok = p.host_needed <= host_usable(p.host_available)
+    return host_ok if p.device == "cpu" else host_ok and p.gpu_needed <= p.gpu_free
+
+
+def plan_memory(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, *, new_tokens: int = 0,
+                budget: int = 4096, draft_cfg: ModelConfig | None = None, draft_window: int = 256, tp: int = 1,
+                on_chip_layers: int | None = None, offload: str = "auto") -> Plan:
+    """Plan a full cache of `context` tokens; raise UserError naming the numbers if it does not fit.
+    on_chip_layers None = auto; offload auto|on|off."""
+    if on_chip_layers is not None and not 0 <= on_chip_layers <= cfg.num_layers:
+        raise UserError(f"--on-chip-layers {on_chip_layers} must be between 0 and the model's {cfg.num_layers} layers")
+    if offload == "off" and on_chip_layers is not None and on_chip_layers < cfg.num_layers:
+        raise UserError(f"--on-chip-layers {on_chip_layers} offloads layers, but --offload is off")
+    if cfg.num_kv_heads % tp:
+        raise UserError(f"tensor parallelism over {tp} GPUs needs KV heads divisible by {tp}, the model has {cfg.num_kv_heads}")
+    kw = dict(new_tokens=new_tokens, budget=budget, draft_cfg=draft_cfg, draft_window=draft_window, tp=tp,
+              on_chip=on_chip_layers, offload=offload)
+    plan = _layout(cfg, dtype, context, res, **kw)
+    if _fits(plan):
+        return plan
+    g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
+    hint = _max_context_hint(cfg, dtype, context, res, kw)
+    avail = host_usable(plan.host_available)
+    if plan.device == "cpu":
+        raise UserError(f"needs {g(plan.host_needed)} GiB of host memory for {context} tokens (weights {g(plan.weights)}, "
+                        f"KV cache {g(plan.on_chip_kv + plan.pinned_host + plan.slabs)}, retrieval {g(plan.retrieval)}), "
+                        f"{g(avail)} GiB available{hint}")
+    if plan.gpu_needed > plan.gpu_free:
+        raise UserError(f"needs {g(plan.gpu_needed)} GiB of GPU memory for {context} tokens (weights {g(plan.weights)}, "
+                        f"retrieval cache {g(plan.retrieval)}, draft {g(plan.draft)}, slabs {g(plan.slabs)}, "
+                        f"on-chip KV {g(plan.on_chip_kv)} for {plan.on_chip_layers} layers, activations "
+                        f"{g(plan.activations)}, reserve {g(plan.reserve)}), {g(plan.gpu_free)} GiB free{hint}")
+    raise UserError(f"needs {g(plan.host_needed)} GiB of pinned host memory for {context} tokens "
+                    f"({plan.offloaded_layers} offloaded layers), {g(avail)} GiB available{hint}")
+
+
+def _max_context_hint(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, kw: dict) -> str:
+    """'; try --max-context N' with the largest context (a multiple of 1024) that fits, if any."""
+    lo, hi = 0, context
+    while hi - lo > 1024:
+        mid = (lo + hi) // 2
+        if _fits(_layout(cfg, dtype, mid, res, **kw)):
+            lo = mid
+        else:
+            hi = mid
+    lo = lo // 1024 * 1024
+    if lo <= kw["new_tokens"] or not _fits(_layout(cfg, dtype, lo, res, **kw)):
+        return "; the model does not fit even with a short context (try a smaller --budget, a smaller --dtype or more GPUs)"
+    return f"; try --max-context {lo}"

@@ -1,0 +1,109 @@
+"""The transfer scheduler and the offloaded cache on CUDA (pinned memory, copy stream, events).
+
+Marked `cuda`: skipped without a CUDA device (CPU CI); bench/gpu_check.sh runs them on a GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload_runtime.caches import FullCache
+from offload_runtime.caches.offloaded import OffloadedCache
+from offload_runtime.config import ModelConfig
+from offload_runtime.cuda_streams import CpuBackend, CudaBackend, LayerPipeline, link_bandwidth
+from offload_runtime.engine import EngineSettings, generate_triforce
+from offload_runtime.generate import generate_autoregressive
+from offload_runtime.kernels import attention_reference
+from offload_runtime.model import CausalLM
+from offload_runtime.sampling import SamplingParams
+from offload_runtime.synthetic import hf_config, randomize
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (run bench/gpu_check.sh on a GPU machine)"),
+]
+ROW = (2, 4, 64)
+
+
+def _pass(pipe: LayerPipeline, rows: int, new: int) -> None:
+    pipe.begin_pass(rows)
+    for i in range(pipe.n_layers):
+        slab = pipe.acquire(i)
+        slab[rows:rows + new] = float(i + 1)
+        pipe.release(i, rows, rows + new)
+
+
+def test_cuda_pipeline_runs_the_cpu_schedule():
+    cpu, cuda = CpuBackend("cpu", trace=True), CudaBackend("cuda", trace=True)
+    pipes = [LayerPipeline(b, 5, ROW, 4096, torch.float16) for b in (cpu, cuda)]
+    assert pipes[1].host.is_pinned() and pipes[1].slabs[0].is_cuda
+    for pipe in pipes:
+        pipe.host.zero_()
+        _pass(pipe, 0, 1000)
+        _pass(pipe, 1000, 7)
+    assert cuda.trace == cpu.trace
+    a, b = cpu.collect(), cuda.collect()
+    assert (a.h2d_bytes, a.d2h_bytes, a.h2d_copies) == (b.h2d_bytes, b.d2h_bytes, b.h2d_copies)
+    for i in range(5):
+        assert torch.equal(pipes[1].host_rows(i, 0, 1007), pipes[0].host_rows(i, 0, 1007))
+    assert b.h2d_s > 0 and b.h2d_gbps > 0.5
+
+
+def test_no_device_synchronize_in_the_hot_loop(monkeypatch):
+    pipe = LayerPipeline(CudaBackend("cuda"), 4, ROW, 2048, torch.float16)
+    _pass(pipe, 0, 512)
+
+    def forbidden(*a, **k):
+        raise AssertionError("device-wide synchronize in the L3 pass")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", forbidden)
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", forbidden)
+    _pass(pipe, 512, 7)
+
+
+def _model(layers: int = 3) -> CausalLM:
+    cfg = ModelConfig.from_hf(hf_config("llama", 320, num_hidden_layers=layers, hidden_size=128,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    model = CausalLM(cfg)
+    randomize(model)
+    model.tie_weights()
+    model.rope.to("cuda")  # not an nn.Module: moved by hand, as loading does
+    return model.to("cuda").eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("on_chip", [0, 1, 3])
+def test_cuda_offloaded_logits_equal_full_cache(on_chip):
+    model = _model()
+    ids = torch.randint(0, 320, (300,), generator=torch.Generator().manual_seed(0)).cuda()
+    full = FullCache(model.cfg, "cuda", torch.float32)
+    off = OffloadedCache(model.cfg, "cuda", torch.float32, 400, on_chip, attention_fn=attention_reference)
+    sdpa = OffloadedCache(model.cfg, "cuda", torch.float32, 400, on_chip)
+    for chunk in (ids[:250], ids[250:257], ids[257:258], ids[258:259]):
+        want = model(chunk, full)
+        assert (model(chunk, off) - want).abs().max() < 1e-4
+        assert (model(chunk, sdpa) - want).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["autoregressive", "triforce"])
+def test_cuda_offloaded_tokens_equal(mode):
+    model = _model()
+    ids = torch.randint(0, 320, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = SamplingParams()
+    settings = EngineSettings(budget=64, chunk_size=8, gamma=4, draft_gamma=2, sinks=4, window=64)
+    factory = lambda cap: OffloadedCache(model.cfg, "cuda", torch.float32, cap, 1)  # noqa: E731
+    if mode == "autoregressive":
+        want = generate_autoregressive(model, ids, 24, params, [])
+        got = generate_autoregressive(model, ids, 24, params, [], full_cache=factory, link_gbps=link_bandwidth("cuda"))
+    else:
+        want = generate_triforce(model, None, ids, 24, params, [], settings)
+        got = generate_triforce(model, None, ids, 24, params, [], settings, full_cache=factory,
+                                link_gbps=link_bandwidth("cuda"))
+    assert got.token_ids == want.token_ids
+    assert got.stats["h2d_bytes"] > 0 and got.stats["link_gbps"] > 0.5
+    print(mode, {k: got.stats[k] for k in ("h2d_bytes_per_token", "h2d_gbps", "copy_wait_fraction_of_l3", "link_fraction")})
+
+
+def test_link_probe_measures():
+    gbps = link_bandwidth("cuda", refresh=True)
+    assert 0.5 < gbps < 1000
+    assert link_bandwidth("cuda") == gbps  # cached

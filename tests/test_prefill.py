@@ -1,0 +1,125 @@
+"""Layer-major prefill equals a normal (token-major) forward: cache contents, first token, retrieval."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload_runtime import loading
+from offload_runtime.caches import FullCache
+from offload_runtime.caches.offloaded import OffloadedCache, sdpa_attention
+from offload_runtime.caches.retrieval import RetrievalCache
+from offload_runtime.kernels import attention_reference
+from offload_runtime.prefill import prefill, prefill_layer_major
+
+TOL = 1e-4
+CASES = {
+    "llama-gqa": ("llama", dict(num_hidden_layers=3)),
+    "mistral-sliding": ("mistral", dict(num_hidden_layers=2, sliding_window=12)),
+    "qwen2-bias": ("qwen2", dict(num_hidden_layers=2)),
+}
+
+
+def _model(checkpoint, case):
+    model_type, overrides = CASES[case]
+    return loading.load(str(checkpoint(model_type, **overrides)), torch.device("cpu"), with_tokenizer=False).model
+
+
+def _ids(tokenizer, long_text, n):
+    ids = tokenizer(long_text)["input_ids"][:n]
+    assert len(ids) == n
+    return ids
+
+
+def _assert_same_cache(a, b, length, layers):
+    assert a.length == b.length == length
+    for layer in range(layers):
+        ka, va = a.rows(layer, 0, length)
+        kb, vb = b.rows(layer, 0, length)
+        assert (ka - kb).abs().max() < TOL and (va - vb).abs().max() < TOL, layer
+        qa, qb = a.recent_queries[layer], b.recent_queries[layer]
+        m = min(qa.shape[1], qb.shape[1])  # a forward keeps the queries of its own tokens only
+        assert (qa[:, -m:] - qb[:, -m:]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("on_chip", [None, 0, 1])  # None: FullCache
+def test_layer_major_equals_normal_prefill(case, on_chip, checkpoint, tokenizer, long_text):
+    model = _model(checkpoint, case)
+    cfg, n = model.cfg, 150
+    ids = _ids(tokenizer, long_text, n)
+    ref = FullCache(cfg, "cpu", torch.float32)
+    ref_logits = model(torch.tensor(ids), ref)[-1:]
+    cache = (FullCache(cfg, "cpu", torch.float32) if on_chip is None
+             else OffloadedCache(cfg, "cpu", torch.float32, capacity=200, on_chip_layers=on_chip))
+    logits = prefill_layer_major(model, torch.tensor(ids), cache, chunk_tokens=64)  # 64 + 64 + 22
+    assert (logits - ref_logits).abs().max() < TOL
+    assert logits.argmax() == ref_logits.argmax()  # the first token
+    _assert_same_cache(cache, ref, n, cfg.num_layers)
+
+
+def test_layer_major_builds_the_same_retrieval_selection(checkpoint, tokenizer, long_text):
+    model = _model(checkpoint, "llama-gqa")
+    cfg, n = model.cfg, 150
+    ids = _ids(tokenizer, long_text, n)
+    ref, ref_r = FullCache(cfg, "cpu", torch.float32), RetrievalCache(cfg, "cpu", torch.float32, 48, 8)
+    prefill(model, ids, ref, ref_r, layer_major=False)
+    cache = OffloadedCache(cfg, "cpu", torch.float32, capacity=160, on_chip_layers=1)
+    got_r = RetrievalCache(cfg, "cpu", torch.float32, 48, 8)
+    prefill(model, ids, cache, got_r)  # layer-major: the default for an offloaded cache
+    assert got_r.selected == ref_r.selected < n  # a real selection, not the whole prompt
+    assert torch.equal(got_r.pos[:, : got_r.selected], ref_r.pos[:, : ref_r.selected])
+    for layer in range(cfg.num_layers):
+        diff = (got_r.k[layer][:, : got_r.selected] - ref_r.k[layer][:, : ref_r.selected]).abs().max()
+        assert diff < TOL, layer
+    # and the next step over both gives the same logits
+    nxt = torch.tensor(ids[-1:])
+    assert (model(nxt, got_r) - model(nxt, ref_r)).abs().max() < TOL
+
+
+def test_layer_major_on_top_of_existing_rows(checkpoint, tokenizer, long_text):
+    """A second prompt appended layer-major (a chat turn) equals one normal forward of both."""
+    model = _model(checkpoint, "llama-gqa")
+    ids = _ids(tokenizer, long_text, 120)
+    ref = FullCache(model.cfg, "cpu", torch.float32)
+    ref_logits = model(torch.tensor(ids), ref)[-1:]
+    cache = OffloadedCache(model.cfg, "cpu", torch.float32, capacity=128, on_chip_layers=1)
+    prefill_layer_major(model, torch.tensor(ids[:70]), cache, chunk_tokens=32)
+    logits = prefill_layer_major(model, torch.tensor(ids[70:]), cache, chunk_tokens=32)
+    assert (logits - ref_logits).abs().max() < TOL
+    _assert_same_cache(cache, ref, 120, model.cfg.num_layers)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_sdpa_attention_equals_reference(window):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(8, 7, 16, generator=gen)
+    k, v = torch.randn(2, 30, 16, generator=gen), torch.randn(2, 30, 16, generator=gen)
+    pos = torch.arange(30)
+    want = attention_reference(q, k, v, pos[23:], pos, window)
+    got = sdpa_attention(q, k, v, pos[23:], pos, window)
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_progress_bar_on_stderr(checkpoint, tokenizer, long_text, capsys):
+    model = _model(checkpoint, "llama-gqa")
+    ids = _ids(tokenizer, long_text, 40)
+    cache = OffloadedCache(model.cfg, "cpu", torch.float32, capacity=64, on_chip_layers=1)
+    prefill_layer_major(model, torch.tensor(ids), cache, chunk_tokens=16, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "prefill" in captured.err and "/120" in captured.err  # 3 layers x 40 tokens
+
+
+def test_rows_after_rollback_and_layer_major_rewrite(checkpoint, tokenizer, long_text):
+    """Rows rewritten after a rollback are read back as rewritten (no stale device copy of old rows)."""
+    model = _model(checkpoint, "llama-gqa")
+    ids = _ids(tokenizer, long_text, 100)
+    ref = FullCache(model.cfg, "cpu", torch.float32)
+    model(torch.tensor(ids), ref)
+    cache = OffloadedCache(model.cfg, "cpu", torch.float32, capacity=128, on_chip_layers=1)
+    model(torch.tensor(ids[:60]), cache)
+    model(torch.tensor([5, 6, 7]), cache)  # a rejected speculation at rows 60..62
+    cache.truncate(60)
+    prefill_layer_major(model, torch.tensor(ids[60:]), cache, chunk_tokens=16)
+    _assert_same_cache(cache, ref, 100, model.cfg.num_layers)
+    for layer in range(model.cfg.num_layers):  # exactly the rows the rejected forward had written
+        assert (cache.rows(layer, 60, 63)[0] - ref.rows(layer, 60, 63)[0]).abs().max() < TOL
