@@ -22,6 +22,7 @@ from .generate import GenerationResult, TokenCallback, check_request, stop_index
 from .model import CausalLM
 from .sampling import SamplingParams, probabilities, sample
 from .speculative import verify
+from .tp import agree_int, agree_ints
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class DraftLevel:
             logits = self._forward(feed)
             self.consumed.extend(feed)
             dist = probabilities(logits[-1], self.params)
-            tok = int(sample(dist, self.generator))
+            tok = agree_int(int(sample(dist, self.generator)))
             tokens.append(tok)
             dists.append(dist)
             feed = [tok]
@@ -162,7 +163,8 @@ def generate_triforce(
     t_prefill = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    out = [int(sample(probabilities(logits[-1], params), generator))]
+    # Under tensor parallelism every decision is rank 0's (tp.agree_int/agree_ints), so all ranks stay in step.
+    out = [agree_int(int(sample(probabilities(logits[-1], params), generator)))]
     if on_tokens:
         on_tokens(out[:])
     while out[-1] not in eos_ids and len(out) < max_new_tokens:
@@ -172,7 +174,7 @@ def generate_triforce(
             drafted, q = _draft_l2(target, retrieval, l1, out, gamma, params, generator, stats)
         with _Timer(stats, "l3"):
             p = probabilities(target(torch.tensor([out[-1]] + drafted, device=dev), full), params)
-            n, nxt = verify(drafted, q, p, generator)
+            n, nxt = agree_ints(verify(drafted, q, p, generator))
         stats.l3_passes += 1
         stats.l3_proposed += len(drafted)
         stats.l3_accepted += n
@@ -214,7 +216,7 @@ def _draft_l2(target: CausalLM, retrieval: RetrievalCache, l1: DraftLevel | None
             logits = target(torch.tensor([last], device=dev), retrieval)
             stats.l2_forwards += 1
             dist = probabilities(logits[-1], params)
-            last = int(sample(dist, generator))
+            last = agree_int(int(sample(dist, generator)))
             tokens.append(last)
             dists.append(dist)
             continue
@@ -223,7 +225,7 @@ def _draft_l2(target: CausalLM, retrieval: RetrievalCache, l1: DraftLevel | None
         start = retrieval.length
         q2 = probabilities(target(torch.tensor([last] + proposals, device=dev), retrieval), params)
         stats.l2_forwards += 1
-        m, nxt = verify(proposals, q1, q2, generator)
+        m, nxt = agree_ints(verify(proposals, q1, q2, generator))
         stats.l1_proposed += len(proposals)
         stats.l1_accepted += m
         retrieval.truncate(start + 1 + m)
