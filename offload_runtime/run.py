@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -114,38 +115,74 @@ def pick_device(name: str) -> Any:
 
 
 def generate_once(args: argparse.Namespace) -> dict:
-    import torch
+    return run_job(prepare_job(args, pick_device(args.device)), stream=not args.json)
 
+
+@dataclass
+class Job:
+    """Everything a generation needs, checked before any rank starts generating."""
+    args: argparse.Namespace
+    device: Any
+    target: Any  # loading.LoadedModel
+    draft: Any  # loading.LoadedModel | None
+    prompt_ids: list[int]
+
+
+def prepare_job(args: argparse.Namespace, device: Any, shard: bool = False) -> Job:
+    """Load the models and tokenize; every user error a generation can raise is raised here.
+    With `shard` the target is split over the running process group (tensor parallelism)."""
     from . import loading
-    from .generate import generate_autoregressive
-    from .sampling import SamplingParams
+    from .generate import check_request
 
-    device = pick_device(args.device)
-    target = loading.load(args.model, device, args.dtype)
-    params = SamplingParams(args.temperature, args.top_p)
+    transform = None
+    if shard:
+        from . import tp
+
+        transform = tp.shard
+    target = loading.load(args.model, device, args.dtype, transform=transform)
     prompt_ids = target.tokenizer(prompt_text(args))["input_ids"]
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    stream = None if args.json else _Streamer(target.tokenizer)
-    if args.mode == "autoregressive":
-        result = generate_autoregressive(target.model, prompt_ids, args.max_new_tokens, params,
-                                         target.eos_ids, generator, on_tokens=stream)
-    else:
-        from .engine import EngineSettings, generate_triforce
-
+    check_request(target.model, len(prompt_ids), args.max_new_tokens)
+    draft = None
+    if args.mode == "triforce":
+        engine_settings(args)  # raises on bad engine settings
         draft = loading.load(args.draft, device, args.dtype) if args.draft else None
         if draft is not None:
             from .engine import check_same_vocabulary
 
             check_same_vocabulary(target, draft)
-        settings = EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=args.gamma,
-                                  draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window)
-        result = generate_triforce(target.model, draft.model if draft else None, prompt_ids,
-                                   args.max_new_tokens, params, target.eos_ids, settings, generator,
-                                   on_tokens=stream)
-    if stream:
-        stream.finish()
+    return Job(args, device, target, draft, prompt_ids)
+
+
+def engine_settings(args: argparse.Namespace) -> Any:
+    from .engine import EngineSettings
+
+    return EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=args.gamma,
+                          draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window)
+
+
+def run_job(job: Job, stream: bool) -> dict:
+    import torch
+
+    from .generate import generate_autoregressive
+    from .sampling import SamplingParams
+
+    args, target = job.args, job.target
+    params = SamplingParams(args.temperature, args.top_p)
+    generator = torch.Generator(device=job.device).manual_seed(args.seed)
+    streamer = _Streamer(target.tokenizer) if stream else None
+    if args.mode == "autoregressive":
+        result = generate_autoregressive(target.model, job.prompt_ids, args.max_new_tokens, params,
+                                         target.eos_ids, generator, on_tokens=streamer)
+    else:
+        from .engine import generate_triforce
+
+        result = generate_triforce(target.model, job.draft.model if job.draft else None, job.prompt_ids,
+                                   args.max_new_tokens, params, target.eos_ids, engine_settings(args), generator,
+                                   on_tokens=streamer)
+    if streamer:
+        streamer.finish()
     text = target.tokenizer.decode(result.token_ids, skip_special_tokens=True)
-    return {"text": text, "token_ids": result.token_ids, "prompt_tokens": len(prompt_ids), "stats": result.stats}
+    return {"text": text, "token_ids": result.token_ids, "prompt_tokens": len(job.prompt_ids), "stats": result.stats}
 
 
 class _Streamer:
@@ -179,6 +216,10 @@ def summary_line(stats: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import tp
+
+    if tp.env_world_size() > 1:
+        return main_parallel(argv)
     try:
         args = build_parser().parse_args(argv)
         validate(args)
@@ -190,10 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(args)
         out = generate_once(args)
-        if args.json:
-            print(json.dumps(out))
-        else:
-            print(summary_line(out["stats"]), file=sys.stderr)
+        print_result(out, args)
         return 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -201,6 +239,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def print_result(out: dict, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(summary_line(out["stats"]), file=sys.stderr)
+
+
+def main_parallel(argv: Sequence[str] | None = None) -> int:
+    """One rank of `torchrun --nproc_per_node=N -m offload_runtime.run`: the target is sharded over the
+    ranks, every rank runs the same generation, only rank 0 prints. A user error found on any rank
+    during set-up ends every rank with exit 2 and one `error:` line, printed by rank 0."""
+    from . import tp
+
+    try:
+        code = _run_rank(argv, rank0=tp.env_rank() == 0)
+    except BaseException:
+        tp.shutdown(wait=False)  # the other ranks may be inside a collective: torchrun ends them
+        raise
+    tp.shutdown()
+    return code
+
+
+def _run_rank(argv: Sequence[str] | None, rank0: bool) -> int:
+    from . import tp
+
+    try:
+        args = build_parser().parse_args(argv)
+        validate(args)
+        if args.model is None:
+            raise UserError("tensor parallelism needs --model (the synthetic demo runs in one process)")
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        device = tp.init_from_env(parallel_device(args.device))
+        try:
+            job, error = prepare_job(args, device, shard=True), None
+        except UserError as exc:
+            job, error = None, str(exc)
+        error = tp.first_error(error)  # every rank learns of an error on any rank
+        if error is not None:
+            raise UserError(error)
+        out = run_job(job, stream=rank0 and not args.json)
+        if rank0:
+            print_result(out, args)
+        return 0
+    except UserError as exc:
+        if rank0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def parallel_device(name: str) -> Any:
+    """The device kind for tensor parallelism; CUDA needs one GPU per local rank (checked the same on every rank)."""
+    import os
+
+    device = pick_device(name)
+    if device.type == "cuda":
+        import torch
+
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        if torch.cuda.device_count() < local_ranks:
+            raise UserError(f"{local_ranks} ranks on this machine need {local_ranks} GPUs, "
+                            f"{torch.cuda.device_count()} visible (or pass --device cpu)")
+    return device
 
 
 def entry() -> None:
