@@ -14,6 +14,8 @@ import io
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -41,8 +43,9 @@ def _rank_main(rank: int, world: int, port: int, runs: dict, out_dir: str) -> No
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    if BACKEND == "nccl":
-        torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank) if BACKEND == "nccl" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     # A group made here (not by run.main) stays up across the runs; the timeout turns a deadlock into an error.
     torch.distributed.init_process_group(BACKEND, rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=120))
@@ -53,14 +56,14 @@ def _rank_main(rank: int, world: int, port: int, runs: dict, out_dir: str) -> No
             code = main(argv)
         results[name] = {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
     # Each rank's caches hold only its KV heads.
-    model = loading.load(runs["llama greedy autoregressive"][1], torch.device(DEVICE), "float32",
+    model = loading.load(runs["llama greedy autoregressive"][1], dev, "float32",
                          with_tokenizer=False, transform=tp.shard).model
     from offload_runtime.caches.full import FullCache
     from offload_runtime.caches.retrieval import RetrievalCache
 
-    full = FullCache(model.cfg, DEVICE, torch.float32, capacity=16)
-    model(torch.arange(5, 21, device=DEVICE), full)
-    retrieval = RetrievalCache(model.cfg, DEVICE, torch.float32, budget=8, chunk_size=4)
+    full = FullCache(model.cfg, dev, torch.float32, capacity=16)
+    model(torch.arange(5, 21, device=dev), full)
+    retrieval = RetrievalCache(model.cfg, dev, torch.float32, budget=8, chunk_size=4)
     retrieval.build(full, 16, [q[:, -1] for q in full.recent_queries])
     results["cache_kv_heads"] = [full.k[0].shape[0], retrieval.k[0].shape[0], full.recent_queries[0].shape[0]]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -118,6 +121,22 @@ def test_tp2_gives_the_tokens_of_tp1(tp_runs, capsys):
         lengths.append(len(want["token_ids"]))
     print("generated tokens per run:", dict(zip(TOKEN_RUNS, lengths)))
     assert min(lengths) >= 8, f"runs should generate more than a few tokens: {lengths}"
+
+
+def test_torchrun_end_to_end(tp_runs):
+    """The real launcher: torchrun starts 2 ranks, they make and tear down their own group; one JSON line."""
+    runs, ranks = tp_runs
+    name = "qwen2 greedy triforce+draft"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", "-m", "offload_runtime.run"] + runs[name],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, "only rank 0 prints"
+    assert json.loads(lines[0])["token_ids"] == json.loads(ranks[0][name]["stdout"])["token_ids"]
+    assert "error" not in proc.stderr
 
 
 def test_tp2_kv_heads_must_divide(tp_runs):
