@@ -254,8 +254,14 @@ def main_parallel(argv: Sequence[str] | None = None) -> int:
     during set-up ends every rank with exit 2 and one `error:` line, printed by rank 0."""
     from . import tp
 
+    rank0 = tp.env_rank() == 0
     try:
-        code = _run_rank(argv, rank0=tp.env_rank() == 0)
+        code = _run_rank(argv, rank0)
+    except KeyboardInterrupt:
+        tp.shutdown(wait=False)
+        if rank0:
+            print("interrupted", file=sys.stderr)
+        return 130
     except BaseException:
         tp.shutdown(wait=False)  # the other ranks may be inside a collective: torchrun ends them
         raise

@@ -14,8 +14,9 @@ intermediate_size divided by W), so every cache built from it (full, retrieval,
 streaming, and a host-resident one) holds only the rank's KV heads.
 
 Every rank runs the same generation loop. Sampled tokens and acceptance decisions go
-through `agree_int(s)`, which broadcasts rank 0's values: logits can differ in the last
-bit between ranks, and a token must never differ. Seeded generators stay in step because
+through `agree_int(s)`, which broadcasts rank 0's values: logits could differ in the
+last bit between ranks (more ranks, another all-reduce algorithm, other kernels; with
+gloo and 2 ranks we found them bitwise equal), and a token must never differ. Seeded generators stay in step because
 every rank makes the same draws (their number depends on shapes only).
 """
 from __future__ import annotations
@@ -167,6 +168,8 @@ def shard(model: CausalLM, rank: int | None = None, world: int | None = None) ->
     every rank. World size 1 leaves the model unchanged."""
     rank = current_rank() if rank is None else rank
     world = current_world_size() if world is None else world
+    if getattr(model, "tp_world_size", 1) != 1:
+        raise ValueError("the model is already sharded")
     cfg = model.cfg
     check_divisible(cfg, world)
     if world == 1:
@@ -180,4 +183,5 @@ def shard(model: CausalLM, rank: int | None = None, world: int | None = None) ->
         attn.n_heads, attn.n_kv_heads = cfg.num_heads // world, cfg.num_kv_heads // world
     model.cfg = dataclasses.replace(cfg, num_heads=cfg.num_heads // world, num_kv_heads=cfg.num_kv_heads // world,
                                     intermediate_size=cfg.intermediate_size // world)
+    model.tp_rank, model.tp_world_size = rank, world  # e.g. for a memory planner sizing per-rank caches
     return model

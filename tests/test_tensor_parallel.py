@@ -38,6 +38,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _rank_main(rank: int, world: int, port: int, runs: dict, out_dir: str) -> None:
     """One rank: the same CLI runs as every other rank, through run.main's tensor-parallel path."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -112,7 +123,8 @@ def test_tp2_gives_the_tokens_of_tp1(tp_runs, capsys):
         assert rank0["code"] == 0 and rank1["code"] == 0, (name, rank0["stderr"], rank1["stderr"])
         assert rank1["stdout"] == "" and rank1["stderr"] == "", f"{name}: only rank 0 prints"
         got = json.loads(rank0["stdout"])
-        assert main(runs[name]) == 0  # the same command in one process (TP=1)
+        with _one_thread():
+            assert main(runs[name]) == 0  # the same command in one process (TP=1)
         want = json.loads(capsys.readouterr().out)
         assert got["token_ids"] == want["token_ids"], name
         assert got["text"] == want["text"]
@@ -173,6 +185,9 @@ def test_shards_partition_the_weights(checkpoint):
     assert torch.equal(shards[1].lm_head.weight, whole.lm_head.weight)
     cfg = shards[0].cfg
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.kv_groups) == (4, 2, 64, 2)
+    assert (shards[1].tp_rank, shards[1].tp_world_size) == (1, 2)
+    with pytest.raises(ValueError, match="already sharded"):
+        tp.shard(shards[0], 0, 2)
 
 
 def test_uneven_split_is_a_user_error(checkpoint):
