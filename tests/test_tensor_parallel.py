@@ -63,6 +63,7 @@ def _rank_main(rank: int, world: int, port: int, runs: dict, out_dir: str) -> No
     results = {}
     for name, argv in runs.items():
         out, err = io.StringIO(), io.StringIO()
+        argv = [a.replace("{rank}", str(rank)) for a in argv]  # lets one run fail on one rank only
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(argv)
         results[name] = {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
@@ -103,6 +104,8 @@ def tp_runs(checkpoint, long_text, tmp_path_factory):
         runs[f"{family} greedy triforce+draft"] = base + draft
         runs[f"{family} sampled autoregressive"] = base + SAMPLED + ["--mode", "autoregressive", "--seed", "5"]
         runs[f"{family} sampled triforce+draft"] = base + SAMPLED + draft + ["--seed", "6"]
+    (tmp / "prompt_rank0.txt").write_text("Kamiro telan vorsi.")  # no prompt_rank1.txt
+    runs["error on rank 1 only"] = ["--model", str(qwen2), "--prompt-file", str(tmp / "prompt_rank{rank}.txt")] + ENGINE
     runs["kv heads 1"] = ["--model", str(checkpoint("llama", num_key_value_heads=1)), "--prompt", "x"] + ENGINE
     world = 2
     mp.spawn(_rank_main, args=(world, _free_port(), runs, str(tmp)), nprocs=world, join=True)
@@ -158,6 +161,15 @@ def test_tp2_kv_heads_must_divide(tp_runs):
     lines = rank0["stderr"].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert "num_key_value_heads (1) to be a multiple of 2" in lines[0]
+    assert rank1["stderr"] == "" and rank0["stdout"] == rank1["stdout"] == ""
+
+
+def test_tp2_error_on_one_rank_ends_all_ranks(tp_runs):
+    _, ranks = tp_runs
+    rank0, rank1 = ranks[0]["error on rank 1 only"], ranks[1]["error on rank 1 only"]
+    assert rank0["code"] == 2 and rank1["code"] == 2
+    lines = rank0["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1: prompt file") and "does not exist" in lines[0], lines
     assert rank1["stderr"] == "" and rank0["stdout"] == rank1["stdout"] == ""
 
 
