@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,9 +217,7 @@ def summary_line(stats: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from . import tp
-
-    if tp.env_world_size() > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun with several ranks
         return main_parallel(argv)
     try:
         args = build_parser().parse_args(argv)
@@ -300,8 +299,6 @@ def _run_rank(argv: Sequence[str] | None, rank0: bool) -> int:
 
 def parallel_device(name: str) -> Any:
     """The device kind for tensor parallelism; CUDA needs one GPU per local rank (checked the same on every rank)."""
-    import os
-
     device = pick_device(name)
     if device.type == "cuda":
         import torch

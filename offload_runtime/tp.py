@@ -36,12 +36,8 @@ from .model import CausalLM
 _owns_group = False  # True when init_from_env created the process group (so shutdown destroys it)
 
 
-def env_world_size() -> int:
-    """WORLD_SIZE as torchrun sets it (1 when not launched by torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def env_rank() -> int:
+    """RANK as torchrun sets it (0 when not launched by torchrun)."""
     return int(os.environ.get("RANK", "0"))
 
 
