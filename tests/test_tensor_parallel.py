@@ -80,6 +80,7 @@ def _rank_main(rank: int, world: int, port: int, runs: dict, out_dir: str) -> No
     results["cache_kv_heads"] = [full.k[0].shape[0], retrieval.k[0].shape[0], full.recent_queries[0].shape[0]]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    torch.distributed.barrier()  # tearing gloo down while the other rank still uses it can abort
     torch.distributed.destroy_process_group()
 
 
