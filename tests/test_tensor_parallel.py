@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from offload_runtime import loading, synthetic, tp
+from offload_runtime import loading, tp
 from offload_runtime.errors import UserError
 from offload_runtime.run import main
 
