@@ -25,6 +25,7 @@ from .model import CausalLM
 from .prefill import prefill_layer_major
 from .sampling import SamplingParams, probabilities, sample
 from .speculative import verify
+from .tp import agree_int, agree_ints
 
 PREFILL_CHUNK = 1024  # tokens per prefill forward: bounds activation memory on long documents
 ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens total)
@@ -166,7 +167,7 @@ class DraftLevel:
             logits = self._forward(feed)
             self.consumed.extend(feed)
             dist = self._fit_vocab(probabilities(logits[-1], self.params))
-            tok = int(sample(dist, self.generator))
+            tok = agree_int(int(sample(dist, self.generator)))
             tokens.append(tok)
             dists.append(dist)
             feed = [tok]
@@ -307,7 +308,8 @@ class Session:
             if self._logits is None or self.full.length < len(self.context):
                 self._catch_up()
             t1 = time.perf_counter()
-            first = int(sample(probabilities(self._logits, self.params), self.generator))
+            # Under tensor parallelism every decision is rank 0's (tp.agree_int/agree_ints): ranks stay in step.
+            first = agree_int(int(sample(probabilities(self._logits, self.params), self.generator)))
             self._emit([first], out, on_tokens, max_new_tokens)
             while out[-1] not in self.eos_ids and len(out) < max_new_tokens:
                 if self.mode == "autoregressive":
@@ -334,7 +336,8 @@ class Session:
             logits = self.target(torch.tensor(out[-1:], device=self.target.device), self.full)
         self.stats.l3_passes += 1
         self.stats.emitted_in_rounds += 1
-        self._emit([int(sample(probabilities(logits[-1], self.params), self.generator))], out, on_tokens, max_new)
+        token = agree_int(int(sample(probabilities(logits[-1], self.params), self.generator)))
+        self._emit([token], out, on_tokens, max_new)
 
     def _round(self, out: list[int], on_tokens: TokenCallback | None, max_new: int) -> None:
         """One TriForce round: L2 (helped by L1) drafts gamma tokens, one L3 pass verifies them."""
@@ -346,7 +349,7 @@ class Session:
         with _Timer(self.stats, "l3"):
             tokens = torch.tensor(self.context[-1:] + drafted, device=self.target.device)
             p = probabilities(self.target(tokens, self.full), self.params)
-            n, nxt = verify(drafted, q, p, self.generator)
+            n, nxt = agree_ints(verify(drafted, q, p, self.generator))
         self.stats.l3_passes += 1
         self.stats.l3_proposed += len(drafted)
         self.stats.l3_accepted += n
@@ -369,7 +372,7 @@ class Session:
                 logits = self.target(torch.tensor([last], device=dev), retrieval)
                 self.stats.l2_forwards += 1
                 dist = probabilities(logits[-1], self.params)
-                last = int(sample(dist, self.generator))
+                last = agree_int(int(sample(dist, self.generator)))
                 tokens.append(last)
                 dists.append(dist)
                 continue
@@ -378,7 +381,7 @@ class Session:
             start = retrieval.length
             q2 = probabilities(self.target(torch.tensor([last] + proposals, device=dev), retrieval), self.params)
             self.stats.l2_forwards += 1
-            m, nxt = verify(proposals, q1, q2, self.generator)
+            m, nxt = agree_ints(verify(proposals, q1, q2, self.generator))
             self.stats.l1_proposed += len(proposals)
             self.stats.l1_accepted += m
             retrieval.truncate(start + 1 + m)

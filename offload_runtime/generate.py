@@ -11,6 +11,7 @@ from .caches.base import KVCache
 from .caches.full import FullCache
 from .model import CausalLM
 from .sampling import SamplingParams, probabilities, sample
+from .tp import agree_int
 
 TokenCallback = Callable[[list[int]], None]
 
@@ -73,7 +74,7 @@ def generate_autoregressive(
     out: list[int] = []
     t1 = time.perf_counter()
     while True:
-        token = int(sample(probabilities(logits[-1], params), generator))
+        token = agree_int(int(sample(probabilities(logits[-1], params), generator)))  # rank 0's token under TP
         out.append(token)
         if on_tokens:
             on_tokens([token])

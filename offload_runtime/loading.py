@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -176,12 +176,20 @@ def eos_token_ids(path: Path, hf_config: Any, tokenizer: Any) -> list[int]:
     return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
-def load(name: str, device: torch.device, dtype: str = "auto", with_tokenizer: bool = True) -> LoadedModel:
+def load(name: str, device: torch.device, dtype: str = "auto", with_tokenizer: bool = True,
+         transform: Callable[[CausalLM], Any] | None = None) -> LoadedModel:
+    """Load a checkpoint onto `device`. With `transform` (e.g. tensor-parallel sharding) the
+    weights are read into host memory, transformed there, and only the result moves to `device`."""
     path = resolve_checkpoint(name)
     hf_config = load_hf_config(path)
     cfg = ModelConfig.from_hf(hf_config)
     torch_dtype = pick_dtype(dtype, device, path, hf_config)
-    state = read_state_dict(weight_files(path), device, torch_dtype)
-    model = build_model(cfg, state, device, torch_dtype)
+    staging = torch.device("cpu") if transform is not None else device
+    state = read_state_dict(weight_files(path), staging, torch_dtype)
+    model = build_model(cfg, state, staging, torch_dtype)
+    if transform is not None:
+        transform(model)
+        model.to(device)
+        model.rope.to(device)
     tokenizer = load_tokenizer(path) if with_tokenizer else None
     return LoadedModel(model, tokenizer, eos_token_ids(path, hf_config, tokenizer), path)

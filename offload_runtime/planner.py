@@ -213,8 +213,10 @@ def plan_memory(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resourc
         raise UserError(f"--on-chip-layers {on_chip_layers} must be between 0 and the model's {cfg.num_layers} layers")
     if offload == "off" and on_chip_layers is not None and on_chip_layers < cfg.num_layers:
         raise UserError(f"--on-chip-layers {on_chip_layers} offloads layers, but --offload is off")
-    if cfg.num_kv_heads % tp:
-        raise UserError(f"tensor parallelism over {tp} GPUs needs KV heads divisible by {tp}, the model has {cfg.num_kv_heads}")
+    if tp > 1:
+        from .tp import check_divisible
+
+        check_divisible(cfg, tp)  # the same message as the sharding itself gives
     kw = dict(new_tokens=new_tokens, budget=budget, draft_cfg=draft_cfg, draft_window=draft_window, tp=tp,
               on_chip=on_chip_layers, offload=offload)
     plan = _layout(cfg, dtype, context, res, **kw)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ def pick_device(name: str) -> Any:
     return torch.device(name)
 
 
-def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_prompt: int) -> tuple[Any, Any]:
+def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_prompt: int, tp: int = 1) -> tuple[Any, Any]:
     """Plan memory before any weight or cache is allocated: (plan, cache factory or None for FullCache).
     Refuses (UserError) what does not fit, so nothing is left half-allocated."""
     from . import loading
@@ -148,7 +149,7 @@ def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_promp
                         f"{f' + {slots} verification slots' if slots else ''}) is longer than --max-context {context}")
     on_chip = None if args.on_chip_layers == "auto" else int(args.on_chip_layers)
     plan = plan_memory(cfg, dtype, context, probe_resources(device), new_tokens=args.max_new_tokens + slots,
-                       budget=args.budget, draft_cfg=draft_cfg, draft_window=args.window,
+                       budget=args.budget, draft_cfg=draft_cfg, draft_window=args.window, tp=tp,
                        on_chip_layers=on_chip, offload=args.offload)
     if not (plan.offload or args.offload == "on" or on_chip is not None):
         return plan, None
@@ -174,13 +175,12 @@ class Job:
     cache_factory: Any  # model -> (capacity -> cache), or None for the growing on-device FullCache
 
 
-def prepare(args: argparse.Namespace, prompt: str | None, document: str | None) -> Job:
+def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, device: Any, tp: int = 1) -> Job:
     """Config, tokenizer and memory plan first: refuse before any weight or cache is allocated."""
     from . import loading
     from .config import ModelConfig
     from .generate import check_request
 
-    device = pick_device(args.device)
     path = loading.resolve_checkpoint(args.model)
     hf = loading.load_hf_config(path)
     cfg = ModelConfig.from_hf(hf)
@@ -194,16 +194,17 @@ def prepare(args: argparse.Namespace, prompt: str | None, document: str | None) 
         n_doc = len(tokenizer(document)["input_ids"]) if document else 0
         room = cfg.max_position_embeddings - args.max_new_tokens - args.gamma - 1
         planned = max(n_doc, min(room, n_doc + CHAT_HEADROOM))
-    plan, factory = plan_run(args, device, path, hf, planned)
+    plan, factory = plan_run(args, device, path, hf, planned, tp)
     return Job(device, prompt_ids, plan, factory)
 
 
-def load_models(args: argparse.Namespace, device: Any) -> tuple[Any, Any]:
-    """The target (with tokenizer) and the optional draft, checked for a shared vocabulary."""
+def load_models(args: argparse.Namespace, device: Any, transform: Any = None) -> tuple[Any, Any]:
+    """The target (with tokenizer; `transform`: e.g. tensor-parallel sharding) and the optional draft,
+    checked for a shared vocabulary."""
     from . import loading
     from .engine import check_same_vocabulary
 
-    target = loading.load(args.model, device, args.dtype)
+    target = loading.load(args.model, device, args.dtype, transform=transform)
     draft = None
     if args.draft and args.mode == "triforce":
         draft = loading.load(args.draft, device, args.dtype)
@@ -227,7 +228,7 @@ def offload_kwargs(job: Job, target: Any) -> dict:
     return dict(full_cache=job.cache_factory(target.model), link_gbps=link_bandwidth(job.device))
 
 
-def generate_once(args: argparse.Namespace, job: Job, target: Any, draft: Any) -> dict:
+def generate_once(args: argparse.Namespace, job: Job, target: Any, draft: Any, stream: bool = True) -> dict:
     import torch
 
     from .console import TextStreamer
@@ -238,7 +239,7 @@ def generate_once(args: argparse.Namespace, job: Job, target: Any, draft: Any) -
     params = SamplingParams(args.temperature, args.top_p)
     prompt_ids = job.prompt_ids
     generator = torch.Generator(device=job.device).manual_seed(args.seed)
-    stream = None if args.json else TextStreamer(target.tokenizer)
+    stream = TextStreamer(target.tokenizer) if stream and not args.json else None
     offload = offload_kwargs(job, target)
     if args.mode == "autoregressive":
         result = generate_autoregressive(target.model, prompt_ids, args.max_new_tokens, params,
@@ -297,6 +298,8 @@ def summary_line(stats: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun with several ranks
+        return main_parallel(argv)
     try:
         args = build_parser().parse_args(argv)
         validate(args)
@@ -310,15 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # file errors and the memory plan before the slow model load
         prompt = None if args.chat else prompt_text(args)
         document = read_text(args.context_file, "context file") if args.chat and args.context_file else None
-        job = prepare(args, prompt, document)
+        job = prepare(args, prompt, document, pick_device(args.device))
         target, draft = load_models(args, job.device)
         if args.chat:
             return chat(args, job, document, target, draft)
-        out = generate_once(args, job, target, draft)
-        if args.json:
-            print(json.dumps(out))
-        else:
-            print(summary_line(out["stats"]), file=sys.stderr)
+        print_result(generate_once(args, job, target, draft), args)
         return 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -326,6 +325,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def print_result(out: dict, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(summary_line(out["stats"]), file=sys.stderr)
+
+
+def main_parallel(argv: Sequence[str] | None = None) -> int:
+    """One rank of `torchrun --nproc_per_node=N -m offload_runtime.run`: the target is sharded over the
+    ranks, every rank runs the same generation, only rank 0 prints. A user error found on any rank
+    during set-up ends every rank with exit 2 and one `error:` line, printed by rank 0."""
+    from . import tp
+
+    rank0 = tp.env_rank() == 0
+    try:
+        code = _run_rank(argv, rank0)
+    except KeyboardInterrupt:
+        tp.shutdown(wait=False)
+        if rank0:
+            print("interrupted", file=sys.stderr)
+        return 130
+    except BaseException:
+        tp.shutdown(wait=False)  # the other ranks may be inside a collective: torchrun ends them
+        raise
+    tp.shutdown()
+    return code
+
+
+def _run_rank(argv: Sequence[str] | None, rank0: bool) -> int:
+    from . import tp
+
+    try:
+        args = build_parser().parse_args(argv)
+        validate(args)
+        if args.model is None:
+            raise UserError("tensor parallelism needs --model (the synthetic demo runs in one process)")
+        if args.chat:
+            raise UserError("--chat runs in one process; under torchrun use single-shot --prompt generation")
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        device = tp.init_from_env(parallel_device(args.device))
+        try:
+            job = prepare(args, prompt_text(args), None, device, tp.current_world_size())
+            target, draft = load_models(args, device, transform=tp.shard)
+            error = None
+        except UserError as exc:
+            error = str(exc)
+        error = tp.first_error(error)  # every rank learns of an error on any rank
+        if error is not None:
+            raise UserError(error)
+        out = generate_once(args, job, target, draft, stream=rank0)
+        if rank0:
+            print_result(out, args)
+        return 0
+    except UserError as exc:
+        if rank0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def parallel_device(name: str) -> Any:
+    """The device kind for tensor parallelism; CUDA needs one GPU per local rank (checked the same on every rank)."""
+    device = pick_device(name)
+    if device.type == "cuda":
+        import torch
+
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        if torch.cuda.device_count() < local_ranks:
+            raise UserError(f"{local_ranks} ranks on this machine need {local_ranks} GPUs, "
+                            f"{torch.cuda.device_count()} visible (or pass --device cpu)")
+    return device
 
 
 def entry() -> None:
