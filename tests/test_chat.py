@@ -36,14 +36,18 @@ def scripted(monkeypatch, capsys, argv, lines):
     return code, [json.loads(x) for x in captured.out.splitlines() if x.startswith("{")], captured.err
 
 
-@pytest.mark.parametrize("mode,draft", [("autoregressive", False), ("triforce", False), ("triforce", True)])
-def test_scripted_chat_equals_fresh_generation(mode, draft, checkpoint, tokenizer, document, monkeypatch, capsys):
+@pytest.mark.parametrize("mode,draft,offload", [("autoregressive", False, False), ("triforce", False, False),
+                                                ("triforce", True, False), ("triforce", True, True)])
+def test_scripted_chat_equals_fresh_generation(mode, draft, offload, checkpoint, tokenizer, document, monkeypatch,
+                                               capsys):
     path = checkpoint("llama", eos_token_id=None)
     argv = ["--model", str(path), "--chat", "--context-file", str(document), "--json", "--mode", mode,
             "--max-new-tokens", "12", "--budget", "64", "--chunk-size", "8", "--gamma", "3"]
     if draft:
         argv += ["--draft", str(checkpoint("llama", seed=3, eos_token_id=None, hidden_size=32,
                                            intermediate_size=64, num_attention_heads=2, num_key_value_heads=1))]
+    if offload:  # the host-resident full cache, planned for the document + the conversation
+        argv += ["--offload", "on", "--on-chip-layers", "1"]
     code, turns, err = scripted(monkeypatch, capsys, argv, QUESTIONS[:2] + ["/stats"] + QUESTIONS[2:])
     assert code == 0, err
     assert len(turns) == 3 + 1  # three answers and the /stats object
@@ -62,6 +66,7 @@ def test_scripted_chat_equals_fresh_generation(mode, draft, checkpoint, tokenize
         # answer's last token): never the document again
         assert turn["stats"]["prefilled_tokens"] == len(turn["turn_token_ids"]) + (1 if i else len(doc_ids))
         assert turn["stats"]["document_prefills"] == 1
+        assert ("offloaded_layers" in turn["stats"]) == offload
         context += turn["token_ids"]
     # the context is the conversation text
     assert tokenizer.decode(context, skip_special_tokens=True) == (

@@ -105,6 +105,9 @@ def tp_runs(checkpoint, long_text, tmp_path_factory):
         runs[f"{family} greedy triforce+draft"] = base + draft
         runs[f"{family} sampled autoregressive"] = base + SAMPLED + ["--mode", "autoregressive", "--seed", "5"]
         runs[f"{family} sampled triforce+draft"] = base + SAMPLED + draft + ["--seed", "6"]
+        offload = ["--offload", "on", "--on-chip-layers", "1"]  # each rank streams its heads' share from host
+        runs[f"{family} offloaded autoregressive"] = base + offload + ["--mode", "autoregressive"]
+        runs[f"{family} offloaded triforce+draft"] = base + offload + draft
     (tmp / "prompt_rank0.txt").write_text("Kamiro telan vorsi.")  # no prompt_rank1.txt
     runs["error on rank 1 only"] = ["--model", str(qwen2), "--prompt-file", str(tmp / "prompt_rank{rank}.txt")] + ENGINE
     runs["kv heads 1"] = ["--model", str(checkpoint("llama", num_key_value_heads=1)), "--prompt", "x"] + ENGINE
@@ -116,7 +119,7 @@ def tp_runs(checkpoint, long_text, tmp_path_factory):
 
 TOKEN_RUNS = [f"{family} {kind}" for family in ("llama", "qwen2") for kind in (
     "greedy autoregressive", "greedy triforce", "greedy triforce+draft", "sampled autoregressive",
-    "sampled triforce+draft")]
+    "sampled triforce+draft", "offloaded autoregressive", "offloaded triforce+draft")]
 
 
 def test_tp2_gives_the_tokens_of_tp1(tp_runs, capsys):
@@ -134,6 +137,9 @@ def test_tp2_gives_the_tokens_of_tp1(tp_runs, capsys):
         assert got["text"] == want["text"]
         if "triforce" in name:
             assert got["stats"]["l3_passes"] == want["stats"]["l3_passes"], name
+        if "offloaded" in name:  # each rank streamed only its half of the KV heads
+            assert got["stats"]["offloaded_layers"] == want["stats"]["offloaded_layers"] > 0
+            assert got["stats"]["h2d_bytes"] * 2 == want["stats"]["h2d_bytes"], name
         lengths.append(len(want["token_ids"]))
     print("generated tokens per run:", dict(zip(TOKEN_RUNS, lengths)))
     assert min(lengths) >= 8, f"runs should generate more than a few tokens: {lengths}"
