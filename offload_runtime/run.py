@@ -334,7 +334,7 @@ def print_result(out: dict, args: argparse.Namespace) -> None:
         print(summary_line(out["stats"]), file=sys.stderr)
 
 
-def main_parallel(argv: Sequence[str] | None = None) -> int:
+def main_parallel(argv: Sequence[str] | None = None, destroy: bool = True) -> int:
     """One rank of `torchrun --nproc_per_node=N -m offload_runtime.run`: the target is sharded over the
     ranks, every rank runs the same generation, only rank 0 prints. A user error found on any rank
     during set-up ends every rank with exit 2 and one `error:` line, printed by rank 0."""
@@ -351,7 +351,7 @@ def main_parallel(argv: Sequence[str] | None = None) -> int:
     except BaseException:
         tp.shutdown(wait=False)  # the other ranks may be inside a collective: torchrun ends them
         raise
-    tp.shutdown()
+    tp.shutdown(destroy=destroy)
     return code
 
 
@@ -402,6 +402,13 @@ def parallel_device(name: str) -> Any:
 
 
 def entry() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun rank: after the closing barrier, leave at once. Tearing down gloo's threads at
+        # interpreter exit aborts now and then ("terminate called without an active exception").
+        code = main_parallel(destroy=False)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(main())
 
 

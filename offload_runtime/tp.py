@@ -74,14 +74,16 @@ def init_from_env(device: torch.device) -> torch.device:
     return device
 
 
-def shutdown(wait: bool = True) -> None:
-    """Destroy the process group if init_from_env created it. With `wait`, first a barrier: a rank
-    that tears gloo down while another still uses it can abort the process."""
+def shutdown(wait: bool = True, destroy: bool = True) -> None:
+    """Leave the process group if init_from_env created it. With `wait`, first a barrier: a rank
+    that tears gloo down while another still uses it can abort the process. `destroy=False`
+    (a process about to os._exit) skips the teardown, whose C++ threads can abort at exit."""
     global _owns_group
     if _owns_group and dist.is_initialized():
         if wait:
             dist.barrier()
-        dist.destroy_process_group()
+        if destroy:
+            dist.destroy_process_group()
     _owns_group = False
 
 

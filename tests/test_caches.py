@@ -37,8 +37,9 @@ def test_retrieval_selection_keeps_sinks_best_chunks_and_tail(checkpoint):
     k[1, 2 * c:3 * c, 1] = 1.0  # head 1 prefers chunk 2, then chunk 7
     k[1, 7 * c:8 * c, 1] = 0.5
     v = torch.arange(n, dtype=torch.float32)[None, :, None].expand(cfg.num_kv_heads, n, cfg.head_dim)
+    k_swapped = k[[1, 0]][:, :, [1, 0] + list(range(2, cfg.head_dim))]  # layer 1: the heads' preferences swap
     for layer in range(cfg.num_layers):
-        full.attend(layer, torch.zeros(cfg.num_heads, n, cfg.head_dim), k, v.clone())
+        full.attend(layer, torch.zeros(cfg.num_heads, n, cfg.head_dim), k if layer == 0 else k_swapped, v.clone())
     full.advance(n)
     query = torch.zeros(cfg.num_heads, cfg.head_dim)
     query[:2, 0] = 1.0  # query heads 0-1 share KV head 0
@@ -48,14 +49,15 @@ def test_retrieval_selection_keeps_sinks_best_chunks_and_tail(checkpoint):
     assert ret.selected == 13 and ret.length == n
     rows0 = list(range(0, 4)) + list(range(20, 24)) + list(range(36, 40)) + [44]
     rows1 = list(range(0, 4)) + list(range(8, 12)) + list(range(28, 32)) + [44]
-    assert ret.pos[0, :13].tolist() == rows0 and ret.pos[1, :13].tolist() == rows1
+    assert ret.pos[0, 0, :13].tolist() == rows0 and ret.pos[0, 1, :13].tolist() == rows1
+    assert ret.pos[1, 0, :13].tolist() == rows1 and ret.pos[1, 1, :13].tolist() == rows0  # each layer its own rows
     assert ret.v[0][0, :13, 0].tolist() == rows0  # the V rows travel with their keys
     # generated rows land after the selection, truncation is a length
     out = ret.attend(0, torch.zeros(cfg.num_heads, 2, cfg.head_dim), torch.ones(2, 2, cfg.head_dim),
                      torch.full((2, 2, cfg.head_dim), 100.0))
     assert out.shape == (cfg.num_heads, 2, cfg.head_dim)
     ret.advance(2)
-    assert ret.length == n + 2 and ret.pos[:, 13:15].tolist() == [[45, 46], [45, 46]]
+    assert ret.length == n + 2 and ret.pos[:, :, 13:15].tolist() == [[[45, 46], [45, 46]]] * cfg.num_layers
     ret.truncate(n + 1)
     assert ret.length == n + 1
 

@@ -67,7 +67,7 @@ def test_layer_major_builds_the_same_retrieval_selection(checkpoint, tokenizer, 
     got_r = RetrievalCache(cfg, "cpu", torch.float32, 48, 8)
     prefill(model, ids, cache, got_r)  # layer-major: the default for an offloaded cache
     assert got_r.selected == ref_r.selected < n  # a real selection, not the whole prompt
-    assert torch.equal(got_r.pos[:, : got_r.selected], ref_r.pos[:, : ref_r.selected])
+    assert torch.equal(got_r.pos[:, :, : got_r.selected], ref_r.pos[:, :, : ref_r.selected])
     for layer in range(cfg.num_layers):
         diff = (got_r.k[layer][:, : got_r.selected] - ref_r.k[layer][:, : ref_r.selected]).abs().max()
         assert diff < TOL, layer

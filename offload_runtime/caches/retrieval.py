@@ -33,7 +33,7 @@ class RetrievalCache(KVCache):
         self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self.pos = torch.empty(0, dtype=torch.long)  # [Hkv, capacity]
+        self.pos = torch.empty(0, 0, 0, dtype=torch.long)  # [layers, Hkv, capacity]: each layer selects its own rows
 
     def _slot(self, length: int) -> int:
         return self.selected + (length - self.base)
@@ -48,8 +48,8 @@ class RetrievalCache(KVCache):
         new_v = [torch.empty(hkv, cap, d, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
         for old, new in zip(self.k + self.v, new_k + new_v):
             new[:, :used].copy_(old[:, :used])
-        new_pos = torch.zeros(hkv, cap, dtype=torch.long, device=self.device)
-        new_pos[:, :used] = self.pos[:, :used]
+        new_pos = torch.zeros(self.cfg.num_layers, hkv, cap, dtype=torch.long, device=self.device)
+        new_pos[:, :, :used] = self.pos[:, :, :used]
         self.k, self.v, self.pos, self.capacity = new_k, new_v, new_pos, cap
 
     def selection_plan(self, context: int) -> tuple[int, int, int]:
@@ -76,7 +76,7 @@ class RetrievalCache(KVCache):
         n_full, keep, tail = self.selection_plan(prompt_len)
         self.base = self.length = prompt_len
         self.selected, self.capacity, self.k, self.v = 0, 0, [], []
-        self.pos = torch.zeros(self.cfg.num_kv_heads, 0, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(self.cfg.num_layers, self.cfg.num_kv_heads, 0, dtype=torch.long, device=self.device)
         self._reserve(keep * self.chunk_size + tail + generated + self.reserve_rows, exact=True)
         self.selected = keep * self.chunk_size + tail
 
@@ -99,8 +99,7 @@ class RetrievalCache(KVCache):
         gather = rows[:, :, None].expand(-1, -1, d).to(k_all.device)
         self.k[layer][:, : self.selected] = torch.gather(k_all, 1, gather)
         self.v[layer][:, : self.selected] = torch.gather(v_all, 1, gather)
-        if layer == 0:
-            self.pos[:, : self.selected] = rows
+        self.pos[layer, :, : self.selected] = rows
 
     def write_rows(self, full: FullCache, start: int, stop: int) -> None:
         """Make rows [start, stop) equal to the full cache's (the L3 pass computed them); length = stop."""
@@ -111,7 +110,7 @@ class RetrievalCache(KVCache):
             k, v = full.rows(layer, start, stop)
             self.k[layer][:, a:b] = k
             self.v[layer][:, a:b] = v
-        self.pos[:, a:b] = torch.arange(start, stop, device=self.device)
+        self.pos[:, :, a:b] = torch.arange(start, stop, device=self.device)
         self.length = stop
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -119,10 +118,11 @@ class RetrievalCache(KVCache):
         a, b = self._slot(self.length), self._slot(self.length + n)
         if layer == 0:
             self._reserve(b)
-            self.pos[:, a:b] = torch.arange(self.length, self.length + n, device=self.device)
+            self.pos[:, :, a:b] = torch.arange(self.length, self.length + n, device=self.device)
         self.k[layer][:, a:b] = k
         self.v[layer][:, a:b] = v
-        return attention(q, self.k[layer][:, :b], self.v[layer][:, :b], self.pos[0, a:b], self.pos[:, :b],
+        pos = self.pos[layer]
+        return attention(q, self.k[layer][:, :b], self.v[layer][:, :b], pos[0, a:b], pos[:, :b],
                          self.cfg.sliding_windows[layer])
 
     def truncate(self, length: int) -> None:
