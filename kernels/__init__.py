@@ -3,9 +3,10 @@
 Dispatch, decided at every call (so tests can switch it with environment variables):
 - OFFLOAD_RUNTIME_KERNELS=reference: always the PyTorch references.
 - OFFLOAD_RUNTIME_KERNELS=auto (default): Triton for CUDA tensors, and for CPU tensors when
-  TRITON_INTERPRET=1 (Triton's interpreter: the tests); the references otherwise (CPU), or
-  when Triton is not installed, or for inputs the Triton kernels do not take (dtype other
-  than fp16/bf16/fp32, head_dim > 256).
+  TRITON_INTERPRET=1 (Triton's interpreter: the tests); otherwise (CPU), when Triton is not
+  installed, or for inputs the Triton kernels do not take (dtype other than fp16/bf16/fp32,
+  head_dim > 256): attention on torch SDPA (`sdpa.py`, the CPU fast path), the other kernels
+  on their references.
 - OFFLOAD_RUNTIME_KERNELS=triton: Triton always; inputs it does not take raise ValueError
   naming them, and CPU tensors without TRITON_INTERPRET=1 raise RuntimeError.
 The Triton attention takes any number of queries: decode (gamma+1 queries, the G query heads
@@ -24,6 +25,7 @@ from typing import Iterable
 
 import torch
 
+from .sdpa import attention_sdpa
 from .reference import (
     Slab,
     attention_partial_reference,
@@ -87,6 +89,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     """Causal attention by positions, GQA without repeat_kv (see `attention_reference`)."""
     if _use_triton(q, attention_reason(q, k, v, q_pos, k_pos)):
         return load_triton().attention_triton(q, k, v, q_pos, k_pos, sliding_window)
+    if kernel_mode() == "auto" and not q.is_cuda:
+        return attention_sdpa(q, k, v, q_pos, k_pos, sliding_window)  # CPU fast path: torch's fused kernel
     return attention_reference(q, k, v, q_pos, k_pos, sliding_window)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from offload_runtime import kernels
 from offload_runtime.kernels import reference as ref
+from offload_runtime.kernels.sdpa import attention_sdpa
 
 pytest.importorskip("triton")  # (not installed on macOS or Windows: the references are all there is)
 
@@ -253,8 +254,9 @@ def test_forced_triton_refuses_unsupported_dtype_and_auto_falls_back(tk, monkeyp
         kernels.select_chunks(k, q[:, 0], 2)
     with pytest.raises(ValueError, match="torch.float64"):
         tk.attention_triton(q, k, v, q_pos, k_pos)
-    monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", "auto")
-    assert torch.equal(kernels.attention(q, k, v, q_pos, k_pos), ref.attention_reference(q, k, v, q_pos, k_pos))
+    monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", "auto")  # falls back: SDPA on CPU tensors
+    assert torch.allclose(kernels.attention(q, k, v, q_pos, k_pos), ref.attention_reference(q, k, v, q_pos, k_pos),
+                          atol=1e-10)
 
 
 def test_bad_shapes_are_named(tk):
@@ -277,8 +279,29 @@ def test_forced_triton_on_cpu_needs_interpreter(tk, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.attention(q, k, v, q_pos, k_pos)
-    monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", "auto")  # auto on CPU: the reference
-    assert torch.equal(kernels.attention(q, k, v, q_pos, k_pos), ref.attention_reference(q, k, v, q_pos, k_pos))
+    monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", "auto")  # auto on CPU: torch SDPA (kernels/sdpa.py)
+    got = kernels.attention(q, k, v, q_pos, k_pos)
+    assert torch.equal(got, attention_sdpa(q, k, v, q_pos, k_pos))
+    assert torch.allclose(got, ref.attention_reference(q, k, v, q_pos, k_pos), atol=1e-5)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("per_head,window", [(False, None), (True, None), (False, 5), (True, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sdpa_fast_path_equals_reference(hq, hkv, per_head, window, dtype):
+    """The CPU fast path (torch SDPA) against the reference: decode and prefill shapes, per-head positions."""
+    for t, length in [(1, 37), (5, 37), (37, 37), (0, 9)]:
+        q, k, v, q_pos, k_pos = _inputs(hq, hkv, t, length, 16, dtype, seed=t + length)
+        if per_head:  # the retrieval cache's rows: each KV head has its own (sorted, distinct) positions
+            g = torch.Generator().manual_seed(length)
+            prompt = [torch.randperm(100, generator=g)[: length - t].sort().values for _ in range(hkv)]
+            k_pos = torch.stack([torch.cat([p, torch.arange(100, 100 + t)]) for p in prompt])
+            q_pos = torch.arange(100, 100 + t)
+        want = ref.attention_reference(q, k, v, q_pos, k_pos, window)
+        got = attention_sdpa(q, k, v, q_pos, k_pos, window)
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        assert got.shape == want.shape
+        assert torch.allclose(got.float(), want.float(), atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("window", [None, 24])

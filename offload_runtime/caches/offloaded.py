@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..cuda_streams import Backend, LayerPipeline, TransferStats, make_backend
 from ..errors import UserError
-from ..kernels import attention as reference_attention
+from ..kernels import attention as dispatched_attention
+from ..kernels.sdpa import attention_sdpa as sdpa_attention
 from .base import KVCache
 from .full import RECENT_QUERIES
 
@@ -26,26 +26,9 @@ AttentionFn = Callable[..., torch.Tensor]  # the reference kernel's signature
 KEEP_NEW_ROWS = 64  # a forward of at most this many tokens keeps its K/V on the device for rows()
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                   sliding_window: int | None = None) -> torch.Tensor:
-    """The reference kernel's contract (q [Hq, T, D], k/v [Hkv, L, D], positions) on torch SDPA's
-    memory-efficient kernel: no fp32 copy of the layer, no repeat of K/V for GQA. The query heads
-    of a KV head are folded into its rows ([1, Hkv, G*T, D]), as the reference does, because SDPA's
-    enable_gqa with a mask falls back to the math kernel (the whole score matrix)."""
-    hq, t, d = q.shape
-    hkv = k.shape[0]
-    g = hq // hkv
-    allowed = k_pos[None, :] <= q_pos[:, None]  # [T, L]
-    if sliding_window is not None:
-        allowed = allowed & (q_pos[:, None] - k_pos[None, :] < sliding_window)
-    out = F.scaled_dot_product_attention(q.reshape(1, hkv, g * t, d), k[None], v[None],
-                                         attn_mask=allowed.repeat(g, 1))
-    return out.reshape(hq, t, d)
-
-
 def attention_for(device: torch.device | str) -> AttentionFn:
-    """SDPA on CUDA (the reference kernel upcasts a whole layer to fp32); the reference on CPU."""
-    return sdpa_attention if torch.device(device).type == "cuda" else reference_attention
+    """SDPA on CUDA (its memory-efficient kernel over a streamed layer); the kernels' dispatch on CPU."""
+    return sdpa_attention if torch.device(device).type == "cuda" else dispatched_attention
 
 
 def kv_row_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
