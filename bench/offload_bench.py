@@ -34,9 +34,9 @@ WARMUP_EMISSIONS = 2
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--synthetic", default="small", choices=sorted(SHAPES), help="synthetic Llama-shaped target")
-    p.add_argument("--contexts", default="1024,4096", help="comma-separated context lengths (tokens)")
-    p.add_argument("--new-tokens", type=int, default=24, help="tokens generated per run")
+    p.add_argument("--synthetic", default="300m", choices=sorted(SHAPES), help="synthetic Llama-shaped target")
+    p.add_argument("--contexts", default="2048,8192", help="comma-separated context lengths (tokens)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run")
     p.add_argument("--repeats", type=int, default=1, help="runs per system and context (median reported)")
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=8)
@@ -47,6 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--memory-cap-gib", type=float, default=None,
                    help="CUDA: cap this process's GPU memory (emulates a smaller card, e.g. 24)")
+    p.add_argument("--offload", default="auto", choices=["auto", "on", "off"],
+                   help="our full cache in host memory, streamed per layer (auto: on for CUDA, off for CPU)")
+    p.add_argument("--on-chip-layers", type=int, default=0,
+                   help="with --offload: layers whose full cache stays on the device (0: stream every layer)")
     p.add_argument("--skip-transformers", action="store_true", help="do not time transformers' generate")
     p.add_argument("--assume-accepted-per-pass", type=float, default=None,
                    help="tokens accepted per L3 pass to use in projections (random weights accept ~1)")
@@ -136,9 +140,18 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
                               draft_gamma=args.draft_gamma)
     rows: list[dict] = []
     runs: dict[str, list[tuple[dict, list[int]]]] = {}
+    offload = args.offload == "on" or (args.offload == "auto" and device.type == "cuda")
+    cache_kwargs: dict[str, Any] = {}
+    if offload:
+        from offload_runtime.caches.offloaded import OffloadedCache
+        from offload_runtime.cuda_streams import link_bandwidth
+
+        cache_kwargs = dict(full_cache=lambda cap: OffloadedCache(target.cfg, device, target.dtype, cap,
+                                                                  args.on_chip_layers),
+                            link_gbps=link_bandwidth(device) if device.type == "cuda" else None)
     for rep in range(args.repeats):
         session = Session(target, None, SamplingParams(0.0), [], settings, None, "autoregressive",
-                          capacity=context + args.new_tokens + args.gamma + 1)
+                          capacity=context + args.new_tokens + args.gamma + 1, **cache_kwargs)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -159,7 +172,16 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
         if not args.skip_transformers:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            stats, tokens = run_transformers(hf, prompt, args.new_tokens, device)
+            try:
+                stats, tokens = run_transformers(hf, prompt, args.new_tokens, device)
+            except torch.cuda.OutOfMemoryError as exc:  # a baseline that does not fit is a result too
+                torch.cuda.empty_cache()
+                print(f"  context {context}: transformers: out of memory ({str(exc).splitlines()[0]})",
+                      file=sys.stderr)
+                runs.setdefault("transformers generate", []).append(
+                    ({"mode": "transformers", "prefill_s": None, "decode_s_per_token": None,
+                      "error": "out of GPU memory"}, []))
+                continue
             if device.type == "cuda":
                 stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             runs.setdefault("transformers generate", []).append((stats, tokens))
@@ -167,8 +189,9 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
     reference = runs["ours autoregressive"][0][1]
     for name, results in runs.items():
         stats = dict(results[0][0])
-        stats["decode_s_per_token"] = statistics.median(r[0]["decode_s_per_token"] for r in results)
-        stats["prefill_s"] = statistics.median(r[0]["prefill_s"] for r in results)
+        for key in ("decode_s_per_token", "prefill_s"):
+            values = [r[0][key] for r in results if r[0].get(key) is not None]
+            stats[key] = statistics.median(values) if values else None
         rows.append({
             "system": name, "context": context, "new_tokens": args.new_tokens,
             "prefill_s": stats["prefill_s"], "decode_s_per_token": stats["decode_s_per_token"],
@@ -176,10 +199,12 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
             "l2_acceptance_of_l1": stats.get("l2_acceptance_of_l1"),
             "l3_acceptance_of_l2": stats.get("l3_acceptance_of_l2"),
             "h2d_bytes_per_token": stats.get("h2d_bytes_per_token"),
-            "achieved_gb_per_s": stats.get("achieved_gb_per_s"),
+            "achieved_gb_per_s": stats.get("h2d_gbps"),
+            "link_gb_per_s": stats.get("link_gbps"),
             "link_fraction": stats.get("link_fraction"),
             "peak_gpu_gib": stats.get("peak_gpu_gib"),
-            "pinned_host_gib": stats.get("pinned_host_gib"),
+            "pinned_host_gib": stats["host_cache_bytes"] / 2 ** 30 if stats.get("host_cache_bytes") else None,
+            "error": stats.get("error"),
             "identical_to_ours_autoregressive": results[0][1] == reference,
             "phase_costs": phase_costs(stats) if name.startswith("ours triforce") else None,
             "raw_stats": stats,
@@ -195,7 +220,7 @@ def markdown_table(rows: list[dict]) -> str:
              "same tokens |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['system']} | {r['context']} | {fmt(r['prefill_s'], '.2f')} | "
-                     f"{fmt(r['decode_s_per_token'])} | {fmt(r['mean_accepted_per_pass'], '.2f')} | "
+                     f"{r['error'] or fmt(r['decode_s_per_token'])} | {fmt(r['mean_accepted_per_pass'], '.2f')} | "
                      f"{fmt(r['l2_acceptance_of_l1'], '.2f')} | {fmt(r['h2d_bytes_per_token'], '.3g')} | "
                      f"{fmt(r['achieved_gb_per_s'], '.2f')} | {'yes' if r['identical_to_ours_autoregressive'] else 'no'} |")
     return "\n".join(lines)

@@ -11,7 +11,8 @@ from bench.offload_bench import main
 
 def test_tiny_benchmark_writes_json_table_and_plot(tmp_path, capsys):
     assert main(["--synthetic", "tiny", "--contexts", "96,160", "--new-tokens", "8", "--budget", "32",
-                 "--out", str(tmp_path), "--assume-accepted-per-pass", "4"]) == 0
+                 "--out", str(tmp_path), "--assume-accepted-per-pass", "4", "--offload", "on",
+                 "--on-chip-layers", "1"]) == 0
     result = json.loads((tmp_path / "offload_bench_cpu_tiny.json").read_text())
     assert (tmp_path / "offload_bench_cpu_tiny.png").stat().st_size > 1000
     systems = {r["system"] for r in result["rows"]}
@@ -19,6 +20,8 @@ def test_tiny_benchmark_writes_json_table_and_plot(tmp_path, capsys):
     for row in result["rows"]:
         assert row["decode_s_per_token"] > 0 and row["prefill_s"] > 0
         assert row["identical_to_ours_autoregressive"], row["system"]  # greedy, fp32: everyone agrees
+        if row["system"].startswith("ours"):  # the offloaded cache's bytes: one offloaded layer's K/V per pass
+            assert row["h2d_bytes_per_token"] > 0 and row["pinned_host_gib"] > 0
     assert set(result["ours_ar_over_transformers"]) == {"96", "160"}
     assert result["machine"]["torch"] and result["machine"]["device"] == "cpu"
     proj = result["projections"]
