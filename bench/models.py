@@ -65,3 +65,15 @@ def build_pair(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int
     hf.eval().requires_grad_(False)
     ours = build_model(ModelConfig.from_hf(config), dict(hf.state_dict()), device, dtype)
     return hf, ours
+
+
+def load_pair(path: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, CausalLM, Any]:
+    """(transformers model, our model, tokenizer) for a real checkpoint, sharing its weights."""
+    from transformers import AutoModelForCausalLM
+
+    from offload_runtime import loading
+
+    resolved = loading.resolve_checkpoint(path)
+    hf = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype).to(device).eval().requires_grad_(False)
+    ours = build_model(ModelConfig.from_hf(hf.config), dict(hf.state_dict()), device, dtype)
+    return hf, ours, loading.load_tokenizer(resolved)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from . import cost_model
-from .models import DRAFTS, SHAPES, build_pair, parameter_count
+from .models import DRAFTS, SHAPES, build_pair, load_pair, parameter_count
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP_EMISSIONS = 2
@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--synthetic", default="300m", choices=sorted(SHAPES), help="synthetic Llama-shaped target")
+    p.add_argument("--model", help="a real checkpoint (path or cached hub id) instead of --synthetic: "
+                   "its acceptance is real")
+    p.add_argument("--draft", help="with --model: the draft for the three-level runs (omitted: no 3-level run)")
+    p.add_argument("--prompt-file", help="with --model: text repeated/cut to each context (default: random tokens)")
     p.add_argument("--contexts", default="2048,8192", help="comma-separated context lengths (tokens)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run")
     p.add_argument("--repeats", type=int, default=1, help="runs per system and context (median reported)")
@@ -125,17 +129,23 @@ def phase_costs(stats: dict) -> dict:
     """Per-phase seconds from an engine run's counters (L2 time includes the L1 steps it drives)."""
     l3 = stats["time_l3_s"] / stats["l3_passes"] if stats.get("l3_passes") else None
     l2 = (stats["time_l2_s"] - stats["time_l1_s"]) / stats["l2_forwards"] if stats.get("l2_forwards") else None
-    l1 = stats["time_l1_s"] / stats["l1_forwards"] if stats.get("l1_forwards") else None
+    l1 = stats["time_l1_s"] / stats["l1_forwards"] if stats.get("l1_forwards") else 0.0  # no draft: no L1 steps
     return {"l1_step_s": l1, "l2_step_s": l2, "l3_pass_s": l3}
 
 
+def make_prompt(context: int, vocab: int, text_ids: list[int] | None) -> list[int]:
+    """`context` tokens: the text's tokens repeated and cut, or seeded random ids."""
+    if text_ids:
+        return (text_ids * (context // len(text_ids) + 1))[:context]
+    return torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(context)).tolist()
+
+
 def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, context: int,
-                  device: torch.device) -> list[dict]:
+                  device: torch.device, text_ids: list[int] | None = None) -> list[dict]:
     from offload_runtime.engine import EngineSettings, Session
     from offload_runtime.sampling import SamplingParams
 
-    gen = torch.Generator().manual_seed(context)
-    prompt = torch.randint(0, target.cfg.vocab_size, (context,), generator=gen).tolist()
+    prompt = make_prompt(context, target.cfg.vocab_size, text_ids)
     settings = EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=args.gamma,
                               draft_gamma=args.draft_gamma)
     rows: list[dict] = []
@@ -159,9 +169,10 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
         sync(device)
         prefill_s = time.perf_counter() - t0
         print(f"  context {context}: our prefill {prefill_s:.2f}s", file=sys.stderr)
-        for name, mode, d in [("ours autoregressive", "autoregressive", None),
-                              ("ours triforce 2-level", "triforce", None),
-                              ("ours triforce 3-level", "triforce", draft)]:
+        systems = [("ours autoregressive", "autoregressive", None), ("ours triforce 2-level", "triforce", None)]
+        if draft is not None:
+            systems.append(("ours triforce 3-level", "triforce", draft))
+        for name, mode, d in systems:
             stats, tokens = run_ours(session, mode, d, context, args.new_tokens)
             stats["prefill_s"] = prefill_s
             if device.type == "cuda":
@@ -227,8 +238,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def projections(rows: list[dict], args: argparse.Namespace) -> dict:
-    tri3 = [r for r in rows if r["system"] == "ours triforce 3-level"]
     tri2 = [r for r in rows if r["system"] == "ours triforce 2-level"]
+    tri3 = [r for r in rows if r["system"] == "ours triforce 3-level"] or tri2  # no draft: the 2-level runs
     measured = tri3[-1]["raw_stats"] if tri3 else None
     out: dict[str, Any] = {"published_triforce": cost_model.PUBLISHED, "card": asdict(cost_model.RTX_4090)}
     if measured and measured.get("l3_passes"):
@@ -237,7 +248,8 @@ def projections(rows: list[dict], args: argparse.Namespace) -> dict:
         accepted = args.assume_accepted_per_pass or measured["mean_accepted_per_pass"]
         out["accepted_per_pass_used"] = accepted
         out["accepted_per_pass_source"] = "assumed (--assume-accepted-per-pass)" if args.assume_accepted_per_pass \
-            else "measured on random weights (meaningless for a trained model pair)"
+            else ("measured on this checkpoint" if args.model else
+                  "measured on random weights (meaningless for a trained model pair)")
         out["steps_per_pass"] = per_pass
         out["rows"] = cost_model.project(accepted, per_pass["l2"], per_pass["l1"], budget=4096)
         # this machine: measured phase costs -> s/token implied by the cost model, per context
@@ -295,28 +307,38 @@ def main(argv: list[str] | None = None) -> int:
         total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib / total))
     contexts = [int(c) for c in args.contexts.split(",")]
-    shape = SHAPES[args.synthetic]
-    print(f"bench: synthetic {args.synthetic} target ({parameter_count(shape) / 1e6:.0f}M parameters, RANDOM weights), "
-          f"{device}, {dtype}, contexts {contexts}", file=sys.stderr)
-    hf, target = build_pair(shape, device, dtype)
-    _, draft = build_pair(DRAFTS["tiny" if args.synthetic == "tiny" else "default"], device, dtype, seed=1,
-                          vocab=shape.vocab)
+    text_ids = None
+    if args.model:
+        hf, target, tokenizer = load_pair(args.model, device, dtype)
+        draft = load_pair(args.draft, device, dtype)[1] if args.draft else None
+        if args.prompt_file:
+            text_ids = tokenizer(Path(args.prompt_file).read_text())["input_ids"]
+        name, n_params, note = args.model, sum(p.numel() for p in hf.parameters()), "a real checkpoint"
+    else:
+        shape = SHAPES[args.synthetic]
+        hf, target = build_pair(shape, device, dtype)
+        _, draft = build_pair(DRAFTS["tiny" if args.synthetic == "tiny" else "default"], device, dtype, seed=1,
+                              vocab=shape.vocab)
+        name, n_params = args.synthetic, parameter_count(shape)
+        note = "random weights: acceptance rates are not those of a trained model pair"
+    print(f"bench: {name} target ({n_params / 1e6:.0f}M parameters, {note}), {device}, {dtype}, "
+          f"contexts {contexts}", file=sys.stderr)
     rows: list[dict] = []
     for context in contexts:
-        rows.extend(bench_context(args, hf, target, draft, context, device))
-    result = {"benchmark": "offload_bench", "machine": machine_info(device), "model": args.synthetic,
-              "parameters": parameter_count(shape), "dtype": str(dtype), "settings": vars(args), "rows": rows,
-              "note": "random weights: acceptance rates are not those of a trained model pair",
-              "projections": projections(rows, args)}
+        rows.extend(bench_context(args, hf, target, draft, context, device, text_ids))
+    result = {"benchmark": "offload_bench", "machine": machine_info(device), "model": name,
+              "parameters": n_params, "dtype": str(dtype), "settings": vars(args), "rows": rows,
+              "note": note, "projections": projections(rows, args)}
     ratio = [(r["context"], r["decode_s_per_token"]) for r in rows]
     ours_ar = {c: s for (c, s), r in zip(ratio, rows) if r["system"] == "ours autoregressive"}
     hf_ar = {c: s for (c, s), r in zip(ratio, rows) if r["system"] == "transformers generate"}
     result["ours_ar_over_transformers"] = {c: ours_ar[c] / hf_ar[c] for c in ours_ar if c in hf_ar and hf_ar[c]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"offload_bench_{device.type}_{args.synthetic}{'_' + args.tag if args.tag else ''}"
+    stem = f"offload_bench_{device.type}_{Path(name).name}{'_' + args.tag if args.tag else ''}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    plot(rows, out / f"{stem}.png", f"{args.synthetic} synthetic, {machine_info(device).get('gpu', 'CPU')}")
+    plot(rows, out / f"{stem}.png", f"{Path(name).name}{'' if args.model else ' synthetic'}, "
+                                    f"{machine_info(device).get('gpu', 'CPU')}")
     print(markdown_table(rows))
     print_projections(result)
     print(f"\nwrote {out / (stem + '.json')} and {stem}.png", file=sys.stderr)

@@ -43,3 +43,21 @@ def test_cost_model_arithmetic():
     rows = cost_model.project(8.0, 6, 12)
     r = next(r for r in rows if r["model"] == m.name and r["cards"] == 1 and r["context"] == 131072)
     assert r["triforce_s_per_token"] < r["autoregressive_s_per_token"] / 5
+
+
+def test_benchmark_of_a_real_checkpoint(tmp_path, checkpoint, long_text, capsys):
+    """--model/--draft/--prompt-file: a checkpoint through the real loading path, text prompts."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(long_text[:2000])
+    path, draft = checkpoint("qwen2"), checkpoint("qwen2", seed=2)
+    assert main(["--model", str(path), "--draft", str(draft), "--prompt-file", str(prompt), "--contexts", "120",
+                 "--new-tokens", "8", "--budget", "32", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / f"offload_bench_cpu_{path.name}.json").read_text())
+    assert result["note"] == "a real checkpoint"
+    assert result["projections"]["accepted_per_pass_source"] == "measured on this checkpoint"
+    assert {r["system"] for r in result["rows"]} >= {"ours triforce 3-level", "transformers generate"}
+    assert all(r["identical_to_ours_autoregressive"] for r in result["rows"])
+    assert main(["--model", str(path), "--contexts", "64", "--new-tokens", "4", "--budget", "32",
+                 "--out", str(tmp_path), "--tag", "nodraft"]) == 0  # no draft: no 3-level row
+    result = json.loads((tmp_path / f"offload_bench_cpu_{path.name}_nodraft.json").read_text())
+    assert "ours triforce 3-level" not in {r["system"] for r in result["rows"]}
