@@ -58,6 +58,14 @@ else
     section "tensor parallelism: SKIPPED (needs 2 GPUs, ${N_GPUS} visible)"
 fi
 
+# ==================== section: offloading benchmark (issue 8) ====================
+# A 7B-shaped (Llama-2-7B) synthetic model at 32K and 128K under a 24 GB cap (an RTX 4090's
+# memory): ours autoregressive over the offloaded cache, transformers' generate with its
+# offloaded cache, our engine with two and three levels. JSON + PNG for bench/results/.
+section "offloading benchmark: 7B shape, 32K and 128K, 24 GB cap"
+timeout 420 $PY -m bench --synthetic 7b --contexts 32768,131072 --new-tokens 8 --budget 4096 \
+    --memory-cap-gib 24 --out "$OUT" --tag 24gb 2>&1 | tee "$OUT/offload_bench.log" || status=1
+
 # ==================== (next section goes here) ====================
 
 echo; echo "gpu_check: $([ $status -eq 0 ] && echo PASSED || echo FAILED); results in $OUT"
