@@ -65,7 +65,13 @@ class ChatFormat:
         full = self._render(messages + [{"role": "user", "content": user}], True)
         if full.startswith(known_text):
             return full[len(known_text):]
-        common = 0  # the template re-rendered history differently: append from where they diverge
+        # The template renders the history differently from what the context holds (it trims
+        # answers, drops reasoning...): never append the history again, only the new turn as the
+        # template renders it after the history.
+        history = self._render(messages, False) if messages else ""
+        if history and full.startswith(history):
+            return full[len(history):]
+        common = 0  # no usable history rendering: append from where the texts diverge
         while common < min(len(full), len(known_text)) and full[common] == known_text[common]:
             common += 1
         return full[common:]

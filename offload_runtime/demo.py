@@ -42,7 +42,7 @@ def run_demo(args: argparse.Namespace) -> int:
     prompt = synthetic.synthetic_text(DEMO_PROMPT_WORDS, seed=args.seed) + "\n\nSummarise the text above."
     ids = target.tokenizer(prompt)["input_ids"]
     params = SamplingParams(args.temperature, args.top_p)
-    settings = EngineSettings(budget=min(args.budget, 256), chunk_size=args.chunk_size, gamma=args.gamma,
+    settings = EngineSettings(budget=max(min(args.budget, 256), 2 * args.chunk_size), chunk_size=args.chunk_size, gamma=args.gamma,
                               draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window)
     n_new = min(args.max_new_tokens, 64)
     runs = []

@@ -48,6 +48,9 @@ class EngineSettings:
             raise UserError(f"--gamma and --draft-gamma must be positive, got {self.gamma}, {self.draft_gamma}")
         if self.budget < 2 * self.chunk_size:
             raise UserError(f"--budget {self.budget} must hold at least 2 chunks of --chunk-size {self.chunk_size}")
+
+    def check_draft(self) -> None:
+        """The draft's StreamingLLM cache must hold a round's rollback (only checked when there is a draft)."""
         if self.window - self.sinks <= 2 * (self.gamma + self.draft_gamma):
             raise UserError(f"--window {self.window} minus --sinks {self.sinks} must exceed "
                             f"2 x (gamma + draft-gamma) = {2 * (self.gamma + self.draft_gamma)}")
@@ -108,6 +111,7 @@ class DraftLevel:
 
     def __init__(self, model: CausalLM, settings: EngineSettings, params: SamplingParams,
                  generator: torch.Generator | None, stats: Stats, target_vocab: int | None = None) -> None:
+        settings.check_draft()
         self.model, self.settings, self.params, self.generator, self.stats = model, settings, params, generator, stats
         self.target_vocab = target_vocab or model.cfg.vocab_size
         self.cache = StreamingCache(model.cfg, model.device, model.dtype, settings.sinks, settings.window, model.rope)
@@ -119,15 +123,14 @@ class DraftLevel:
         self.stats.l1_forwards += 1
         return logits
 
-    def _fit_vocab(self, dist: torch.Tensor) -> torch.Tensor:
+    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft and target may pad their vocabularies differently: propose over the target's ids only."""
         v = self.target_vocab
-        if dist.shape[-1] > v:
-            dist = dist[..., :v]
-            return dist / dist.sum(-1, keepdim=True)
-        if dist.shape[-1] < v:
-            return torch.nn.functional.pad(dist, (0, v - dist.shape[-1]))
-        return dist
+        if logits.shape[-1] > v:
+            return logits[..., :v]
+        if logits.shape[-1] < v:
+            return torch.nn.functional.pad(logits, (0, v - logits.shape[-1]), value=float("-inf"))
+        return logits
 
     def reset(self, context: list[int]) -> None:
         """Feed context[:-1] as StreamingLLM keeps it: the sink tokens and the most recent window."""
@@ -166,7 +169,7 @@ class DraftLevel:
         for _ in range(k):
             logits = self._forward(feed)
             self.consumed.extend(feed)
-            dist = self._fit_vocab(probabilities(logits[-1], self.params))
+            dist = probabilities(self._fit_vocab(logits[-1]), self.params)
             tok = agree_int(int(sample(dist, self.generator)))
             tokens.append(tok)
             dists.append(dist)
@@ -219,7 +222,7 @@ class Session:
         self.mode = mode
         if mode == "triforce" and self.retrieval is None:
             self.retrieval = RetrievalCache(t.cfg, t.device, t.dtype, self.settings.budget, self.settings.chunk_size)
-            self._reselect = True
+            self._reselect = True  # built from the full cache at the next catch-up
         self.l1 = DraftLevel(draft, self.settings, self.params, self.generator, self.stats, t.cfg.vocab_size) \
             if draft is not None and mode == "triforce" else None
 
@@ -245,42 +248,48 @@ class Session:
             self.l1.reset(self.context)
 
     def _catch_up(self) -> None:
-        """Feed the context tokens the full cache lacks; refresh L2 and L1 to match."""
+        """Feed the context tokens the full cache lacks; bring L2 in line (a new selection after a
+        new question or a mode switch, else the new rows). A no-op when everything is in step."""
         todo = self.context[self.full.length:]
-        if not todo:
+        l2 = self.retrieval
+        reselect = l2 is not None and (self._reselect or l2.length < l2.base)
+        built = False
+        if todo:
+            dev = self.target.device
+            transfers = self.full.transfer_stats() if self.offloaded else None
+            t0 = time.perf_counter()
+            done = 0
+            try:
+                if self.layer_major:  # each layer's K/V crosses the link once; the selection is built on the way
+                    self._logits = prefill_layer_major(self.target, torch.tensor(todo, device=dev), self.full,
+                                                       l2 if reselect else None)[-1]
+                    done, built = len(todo), reselect
+                else:
+                    for start in range(0, len(todo), PREFILL_CHUNK):
+                        chunk = todo[start:start + PREFILL_CHUNK]
+                        self._logits = self.target(torch.tensor(chunk, device=dev), self.full, last_only=True)[-1]
+                        done += len(chunk)
+                        if self.progress:
+                            self.progress(done, len(todo))
+            except BaseException:
+                self._logits = None
+                raise
+            finally:
+                self.stats.prefilled_tokens += done
+                self.stats.prefills += 1
+                self.stats.time["prefill"] += time.perf_counter() - t0
+            if self.offloaded:  # this prefill's bytes are reported apart from the decode's
+                self.full.mark_prefill_done(since=transfers)
+        assert self._logits is not None, "the logits of the newest context token are known after a catch-up"
+        if l2 is None:
             return
-        dev = self.target.device
-        reselect = self.retrieval is not None and (self._reselect or self.retrieval.length < self.retrieval.base)
-        t0 = time.perf_counter()
-        done = 0
-        try:
-            if self.layer_major:  # each layer's K/V crosses the link once; the selection is built on the way
-                self._logits = prefill_layer_major(self.target, torch.tensor(todo, device=dev), self.full,
-                                                   self.retrieval if reselect else None)[-1]
-                done = len(todo)
-            else:
-                for start in range(0, len(todo), PREFILL_CHUNK):
-                    chunk = todo[start:start + PREFILL_CHUNK]
-                    self._logits = self.target(torch.tensor(chunk, device=dev), self.full, last_only=True)[-1]
-                    done += len(chunk)
-                    if self.progress:
-                        self.progress(done, len(todo))
-                if reselect:
-                    self.retrieval.build(self.full, self.full.length, [q[:, -1] for q in self.full.recent_queries])
-        except BaseException:
-            self._logits = None
-            raise
-        finally:
-            self.stats.prefilled_tokens += done
-            self.stats.prefills += 1
-            self.stats.time["prefill"] += time.perf_counter() - t0
-        if self.offloaded:
-            self.full.mark_prefill_done()  # decode bytes are reported apart from prefill bytes
         if reselect:
+            if not built:
+                l2.build(self.full, self.full.length, [q[:, -1] for q in self.full.recent_queries])
             self.stats.retrieval_builds += 1
             self._reselect = False
-        elif self.retrieval is not None:
-            self.retrieval.write_rows(self.full, min(self.retrieval.length, self.full.length), self.full.length)
+        elif l2.length != self.full.length:
+            l2.write_rows(self.full, min(l2.length, self.full.length), self.full.length)
 
     def _restore(self) -> None:
         """After an interruption: keep only cache rows that match committed context tokens."""
@@ -305,8 +314,7 @@ class Session:
                             f"{len(self.context) + max_new_tokens - self.max_context}")
         out: list[int] = []
         try:
-            if self._logits is None or self.full.length < len(self.context):
-                self._catch_up()
+            self._catch_up()  # the newest context token's logits, L2 in step
             t1 = time.perf_counter()
             # Under tensor parallelism every decision is rank 0's (tp.agree_int/agree_ints): ranks stay in step.
             first = agree_int(int(sample(probabilities(self._logits, self.params), self.generator)))
@@ -318,9 +326,11 @@ class Session:
                     self._round(out, on_tokens, max_new_tokens)
         except KeyboardInterrupt:
             self._restore()
+            self._mark = self._snapshot()  # the next answer's statistics start here
             raise
         finally:
-            self._logits = None if self.full.length < len(self.context) else self._logits
+            if self.full.length != len(self.context):  # the newest token is not in the cache: no logits yet
+                self._logits = None
         before, self._mark = self._mark, self._snapshot()
         return GenerationResult(out, self._result_stats(before, out, t1))
 
@@ -350,16 +360,19 @@ class Session:
             tokens = torch.tensor(self.context[-1:] + drafted, device=self.target.device)
             p = probabilities(self.target(tokens, self.full), self.params)
             n, nxt = agree_ints(verify(drafted, q, p, self.generator))
+        block = drafted[:n] + [nxt]
+        take = block[: stop_index(block, self.eos_ids, max_new - len(out))]  # an EOS ends the answer there
+        keep = base + len(take)  # rows: the newest context token, then every emitted token but the last
         self.stats.l3_passes += 1
         self.stats.l3_proposed += len(drafted)
         self.stats.l3_accepted += n
-        self.stats.emitted_in_rounds += n + 1
-        self.full.truncate(base + 1 + n)
-        self.retrieval.write_rows(self.full, base, base + 1 + n)  # the L3 pass computed the true K/V of these rows
+        self.stats.emitted_in_rounds += len(take)
+        self.full.truncate(keep)
+        self.retrieval.write_rows(self.full, base, keep)  # the L3 pass computed the true K/V of these rows
         if self.settings.refresh_every and self.stats.l3_passes % self.settings.refresh_every == 0:
-            self.retrieval.build(self.full, self.full.length, [rows[:, n] for rows in self.full.recent_queries])
+            self.retrieval.build(self.full, keep, [rows[:, len(take) - 1] for rows in self.full.recent_queries])
             self.stats.retrieval_builds += 1
-        self._emit(drafted[:n] + [nxt], out, on_tokens, max_new)
+        self._emit(take, out, on_tokens, max_new)
 
     def _draft_l2(self, gamma: int) -> tuple[list[int], torch.Tensor]:
         """gamma tokens sampled (losslessly) from L2, and L2's distribution at each, [gamma, V]."""

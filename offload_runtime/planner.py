@@ -152,7 +152,9 @@ def _layout(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, 
     layers = cfg.num_layers
     kv_row = 2 * (cfg.num_kv_heads // tp) * cfg.head_dim * b  # one token, one layer, this rank
     layer_kv = context * kv_row
-    weights = count_parameters(cfg) * b // tp
+    vocab_params = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    # tensor parallelism splits the layers; embeddings and lm_head are replicated on every rank (tp.py)
+    weights = ((count_parameters(cfg) - vocab_params) // tp + vocab_params) * b
     prompt = max(0, context - new_tokens)
     retrieval_rows = min(prompt, budget) + new_tokens + 64  # as RetrievalCache.begin_build allocates
     retrieval = layers * (-(-retrieval_rows // 256) * 256) * kv_row

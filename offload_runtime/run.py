@@ -107,7 +107,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--budget {args.budget} must hold at least 2 chunks of --chunk-size {args.chunk_size}")
     if args.sinks < 0 or args.window <= args.sinks:
         raise UserError(f"--window {args.window} must be larger than --sinks {args.sinks} (>= 0)")
-    engine_settings(args)  # raises on inconsistent engine flags
+    settings = engine_settings(args)  # raises on inconsistent engine flags
+    if args.mode == "triforce" and (args.draft or args.model is None):  # the demo always has a draft
+        settings.check_draft()
     if args.on_chip_layers != "auto":
         try:
             n = int(args.on_chip_layers)
@@ -192,7 +194,8 @@ def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, 
         planned = len(prompt_ids)
     else:  # a chat: the document plus room for the conversation, within the model's context
         n_doc = len(tokenizer(document)["input_ids"]) if document else 0
-        room = cfg.max_position_embeddings - args.max_new_tokens - args.gamma - 1
+        limit = min(cfg.max_position_embeddings, args.max_context or cfg.max_position_embeddings)
+        room = limit - args.max_new_tokens - args.gamma - 1
         planned = max(n_doc, min(room, n_doc + CHAT_HEADROOM))
     plan, factory = plan_run(args, device, path, hf, planned, tp)
     return Job(device, prompt_ids, plan, factory)
@@ -255,7 +258,15 @@ def generate_once(args: argparse.Namespace, job: Job, target: Any, draft: Any, s
     return {"text": text, "token_ids": result.token_ids, "prompt_tokens": len(prompt_ids), "stats": result.stats}
 
 
-def chat(args: argparse.Namespace, job: Job, document: str | None, target: Any, draft: Any) -> int:
+def first_chat_message(args: argparse.Namespace) -> str | None:
+    """--prompt or --prompt-file with --chat: the first user message."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    return read_text(args.prompt_file, "prompt file") if args.prompt_file else args.prompt
+
+
+def chat(args: argparse.Namespace, job: Job, document: str | None, first: str | None, target: Any,
+         draft: Any) -> int:
     import torch
 
     from .chat import ChatSession, run_chat
@@ -265,7 +276,6 @@ def chat(args: argparse.Namespace, job: Job, document: str | None, target: Any, 
 
     # Ctrl-C must reach us as KeyboardInterrupt even when started with SIGINT ignored (e.g. a background job)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    first = read_text(args.prompt_file, "prompt file") if args.prompt_file else args.prompt
     generator = torch.Generator(device=job.device).manual_seed(args.seed)
     session = Session(target.model, draft.model if draft else None, SamplingParams(args.temperature, args.top_p),
                       target.eos_ids, engine_settings(args), generator, args.mode, **offload_kwargs(job, target))
@@ -313,10 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # file errors and the memory plan before the slow model load
         prompt = None if args.chat else prompt_text(args)
         document = read_text(args.context_file, "context file") if args.chat and args.context_file else None
+        first = first_chat_message(args) if args.chat else None
         job = prepare(args, prompt, document, pick_device(args.device))
         target, draft = load_models(args, job.device)
         if args.chat:
-            return chat(args, job, document, target, draft)
+            return chat(args, job, document, first, target, draft)
         print_result(generate_once(args, job, target, draft), args)
         return 0
     except UserError as exc:
@@ -372,6 +383,9 @@ def _run_rank(argv: Sequence[str] | None, rank0: bool) -> int:
         try:
             job = prepare(args, prompt_text(args), None, device, tp.current_world_size())
             target, draft = load_models(args, device, transform=tp.shard)
+            if job.cache_factory is not None:  # allocate each rank's host cache now: a failure is agreed on
+                cache = job.cache_factory(target.model)(job.plan.context)
+                job.cache_factory = lambda model, cache=cache: (lambda capacity: cache)
             error = None
         except UserError as exc:
             error = str(exc)

@@ -155,3 +155,19 @@ def test_ctrl_c_mid_answer_keeps_the_process(checkpoint):
     stats = json.loads(out[out.index(b"\n{") + 1:])
     assert stats["turns"] == 2  # the interrupted answer, then a full one
     assert err.count(b"tokens, ") == 1 and b"[800 tokens" in err  # the second answer ran to its end
+
+
+def test_template_that_trims_answers_appends_only_new_turns(checkpoint, document):
+    """A template that re-renders history differently from the context (trimmed answers) must not
+    make a turn re-append the conversation."""
+    path = checkpoint("qwen2", eos_token_id=None)
+    model = loading.load(str(path), torch.device("cpu"), with_tokenizer=False).model
+    tok = synthetic.train_tokenizer()
+    tok.chat_template = CHATML.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+    session = Session(model, None, SamplingParams(0.0), [], EngineSettings(budget=64, gamma=3), mode="triforce")
+    chat = ChatSession(session, tok, document.read_text(), max_new_tokens=6)
+    sizes = [len(chat.ask(q).turn_token_ids) for q in QUESTIONS]
+    assert max(sizes) < 2 * min(sizes) + 8, sizes  # each turn adds about its own question
+    text = tok.decode(session.context)
+    for q in QUESTIONS:
+        assert text.count(q) == 1

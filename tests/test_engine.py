@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from offload_runtime import loading, synthetic
 from offload_runtime.caches import FullCache
-from offload_runtime.engine import EngineSettings, generate_triforce
+from offload_runtime.engine import EngineSettings, Session, generate_triforce
 from offload_runtime.errors import UserError
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.run import main
@@ -203,3 +203,45 @@ def test_draft_with_padded_vocabulary(checkpoint, prompt_ids, tokenizer):
     sampled = generate_triforce(target, draft, prompt_ids, 20, SamplingParams(1.0), [], s,
                                 torch.Generator().manual_seed(0)).token_ids
     assert max(sampled) < target.cfg.vocab_size
+
+
+def test_caches_grow_past_their_first_allocation(checkpoint, prompt_ids, draft_model):
+    """The L2 cache outgrows its first allocation during a forward, the L1 cache during a long new turn;
+    both are then written between forwards (rows from the L3 pass, evictions)."""
+    target = load(checkpoint("llama"))
+    ar = generate_autoregressive(target, prompt_ids, 260, GREEDY, []).token_ids
+    s = EngineSettings(budget=64, chunk_size=8, gamma=4, draft_gamma=3, sinks=4, window=300)
+    assert generate_triforce(target, None, prompt_ids, 260, GREEDY, [], s).token_ids == ar
+    session = Session(target, draft_model, GREEDY, [], s)
+    session.extend(prompt_ids[:40])
+    first = session.generate(8).token_ids
+    session.extend(prompt_ids[40:320])  # 280 new tokens through the draft's 300-row window
+    second = session.generate(8).token_ids
+    context = prompt_ids[:40] + first + prompt_ids[40:320]
+    assert first == generate_autoregressive(target, prompt_ids[:40], 8, GREEDY, []).token_ids
+    assert second == generate_autoregressive(target, context, 8, GREEDY, []).token_ids
+
+
+def test_eos_inside_a_block_then_a_new_turn(checkpoint, prompt_ids):
+    """An answer that ends at an EOS inside an accepted block leaves no rows of the tokens after it."""
+    target = load(checkpoint("llama"))
+    ar = generate_autoregressive(target, prompt_ids, 30, GREEDY, []).token_ids
+    i = next(i for i in range(2, 30) if ar[i] not in ar[:i] and (i % 7) not in (0, 6))
+    session = Session(target, None, GREEDY, [ar[i]], EngineSettings(budget=4096, gamma=6))
+    session.extend(prompt_ids)
+    assert session.generate(30).token_ids == ar[: i + 1]
+    assert session.full.length == len(session.context) - 1 == session.retrieval.length
+    follow = prompt_ids[:3]
+    session.extend(follow)
+    want = generate_autoregressive(target, prompt_ids + ar[: i + 1] + follow, 10, GREEDY, [ar[i]]).token_ids
+    assert session.generate(10).token_ids == want
+
+
+def test_switching_to_triforce_after_a_prefill(checkpoint, prompt_ids, draft_model):
+    target = load(checkpoint("llama"))
+    ar = generate_autoregressive(target, prompt_ids, 12, GREEDY, []).token_ids
+    session = Session(target, None, GREEDY, [], EngineSettings(budget=64, gamma=3, draft_gamma=2, sinks=4,
+                                                                window=40), mode="autoregressive")
+    session.extend(prompt_ids)
+    session.use("triforce", draft_model)
+    assert session.generate(12).token_ids == ar

@@ -7,7 +7,9 @@ the cache. Rollback after a rejected speculation is `truncate` (a length, no cop
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
+from typing import Any, Callable
 
 import torch
 
@@ -38,3 +40,14 @@ def grown_capacity(needed: int, current: int, block: int = 256) -> int:
     while cap < needed:
         cap *= 2
     return -(-cap // block) * block
+
+
+def allocates(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Make a cache's buffers outside inference mode. A buffer created while a forward runs
+    (under torch.inference_mode) would be an inference tensor, and the engine's updates
+    between forwards (rows written back, evictions) could not write into it."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return wrapper

@@ -5,7 +5,7 @@ import torch
 
 from ..config import ModelConfig
 from ..kernels import attention
-from .base import KVCache, grown_capacity
+from .base import KVCache, allocates, grown_capacity
 
 RECENT_QUERIES = 64  # query rows kept per layer, for (re-)building the retrieval selection
 
@@ -24,6 +24,7 @@ class FullCache(KVCache):
         self.recent_queries: list[torch.Tensor | None] = [None] * cfg.num_layers
         self._reserve(capacity)
 
+    @allocates
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity and self.k:
             return

@@ -70,6 +70,7 @@ class OffloadedCache(KVCache):
         self.recent_queries: list[torch.Tensor | None] = [None] * cfg.num_layers
         self._new: list[tuple[int, torch.Tensor, torch.Tensor] | None] = [None] * cfg.num_layers
         self.prefill_stats: TransferStats | None = None
+        self.prefill_start: TransferStats | None = None
 
     @property
     def offloaded_layers(self) -> int:
@@ -141,15 +142,18 @@ class OffloadedCache(KVCache):
     def transfer_stats(self) -> TransferStats:
         return self.backend.collect()
 
-    def mark_prefill_done(self) -> None:
-        """Remember the counters at the end of prefill, so decode bytes are reported apart."""
+    def mark_prefill_done(self, since: TransferStats | None = None) -> None:
+        """Remember the counters at the end of a prefill (and at its start, `since`: a chat's later
+        turns), so the prefill's bytes and the decode's are reported apart."""
+        self.prefill_start = since or TransferStats()
         self.prefill_stats = self.transfer_stats()
 
     def report(self, new_tokens: int, l3_seconds: float | None, link_gbps: float | None = None) -> dict:
         """Offload stats for a result dict: prefill and decode bytes, bytes/token, GB/s, copy waits."""
         total = self.transfer_stats()
-        pre = self.prefill_stats or TransferStats()
-        dec = total.minus(pre)
+        end = self.prefill_stats or TransferStats()
+        pre = end.minus(self.prefill_start or TransferStats())
+        dec = total.minus(end)
         gbps = dec.h2d_gbps
         out = {
             "offload_backend": self.backend.name,

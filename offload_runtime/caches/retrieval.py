@@ -14,7 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..kernels import attention, select_chunks
-from .base import KVCache, grown_capacity
+from .base import KVCache, allocates, grown_capacity
 from .full import FullCache
 
 
@@ -38,6 +38,7 @@ class RetrievalCache(KVCache):
     def _slot(self, length: int) -> int:
         return self.selected + (length - self.base)
 
+    @allocates
     def _reserve(self, rows: int, exact: bool = False) -> None:
         if rows <= self.capacity:
             return

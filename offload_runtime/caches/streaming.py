@@ -11,7 +11,7 @@ import torch
 from ..config import ModelConfig
 from ..kernels import attention
 from ..rope import RotaryEmbedding
-from .base import KVCache, grown_capacity
+from .base import KVCache, allocates, grown_capacity
 
 
 class StreamingCache(KVCache):
@@ -28,6 +28,7 @@ class StreamingCache(KVCache):
         self.v: list[torch.Tensor] = []
         self._reserve(window + 64)
 
+    @allocates
     def _reserve(self, rows: int) -> None:
         if rows <= self.capacity:
             return
