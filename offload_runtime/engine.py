@@ -22,12 +22,11 @@ from .caches.streaming import StreamingCache
 from .errors import UserError
 from .generate import GenerationResult, TokenCallback, check_request, stop_index
 from .model import CausalLM
-from .prefill import prefill_layer_major
+from .prefill import PREFILL_CHUNK, prefill_layer_major
 from .sampling import SamplingParams, probabilities, sample
 from .speculative import verify
 from .tp import agree_int, agree_ints
 
-PREFILL_CHUNK = 1024  # tokens per prefill forward: bounds activation memory on long documents
 ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens total)
 
 

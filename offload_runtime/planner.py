@@ -17,13 +17,12 @@ import torch
 from .caches.base import grown_capacity
 from .config import ModelConfig
 from .errors import UserError
+from .prefill import MASK_BYTES, PREFILL_CHUNK  # the activations the layer-major prefill holds
 
 GiB = 2**30
 CUDA_RESERVE = 1 * GiB  # CUDA context, cuBLAS workspaces, allocator fragmentation
 HOST_RESERVE = 2 * GiB  # left free for the OS, Python and the weights' load path (at most 5% of what is available)
 N_SLABS = 2
-PREFILL_CHUNK = 1024
-MASK_BYTES = 512 << 20  # prefill.MASK_BYTES
 
 
 @dataclass(frozen=True)

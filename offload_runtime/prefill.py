@@ -104,8 +104,9 @@ def prefill(model: CausalLM, prompt_ids: list[int], cache: KVCache, retrieval: R
         layer_major = isinstance(cache, OffloadedCache)
     if layer_major:
         logits = prefill_layer_major(model, tokens, cache, retrieval, retrieval_generated=retrieval_generated)
-    else:
-        logits = model(tokens, cache, last_only=True)
+    else:  # token chunks bound the activations of a long prompt
+        for start in range(0, tokens.shape[0], PREFILL_CHUNK):
+            logits = model(tokens[start:start + PREFILL_CHUNK], cache, last_only=True)
         if retrieval is not None:
             retrieval.build(cache, cache.length, [q[:, -1] for q in cache.recent_queries])
     if isinstance(cache, OffloadedCache):
