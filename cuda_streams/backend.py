@@ -167,7 +167,18 @@ class CudaBackend(Backend):
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister of {size / 2**30:.1f} GiB failed (cudaError {int(err)})")
         t = raw[offset : offset + nbytes].view(dtype).view(shape)
-        weakref.finalize(t, cudart.cudaHostUnregister, ptr)  # t (the caller keeps it) owns the registration
+        stream = self.copy_stream
+
+        def unpin(ptr: int = ptr, stream: Any = stream) -> None:
+            stream.synchronize()  # no copy may still target these pages
+            cudart.cudaHostUnregister(ptr)
+
+        weakref.finalize(t, unpin)  # t (the caller keeps it, and no view outlives it) owns the registration
+        return t
+
+    def device_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        t.record_stream(self.copy_stream)  # freeing a slab waits for the copy stream's work on it
         return t
 
     def _event(self) -> Any:

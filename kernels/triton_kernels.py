@@ -281,6 +281,8 @@ def _launch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         GROUPS=groups, HAS_WINDOW=sliding_window is not None, UPCAST=INTERPRETED or q.dtype == torch.float32,
         WRITE_LSE=lse is not None, SKIP_TILES=n_queries > SKIP_TILES_ABOVE,
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(head_dim),
+        # fp32 tiles need fewer pipeline stages to fit shared memory (head_dim 256: 345 KB at 3 stages)
+        num_stages=(1 if _block_d(head_dim) > 128 else 2) if q.dtype == torch.float32 else 3,
     )
 
 

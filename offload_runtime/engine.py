@@ -274,6 +274,8 @@ class Session:
                 self._logits = None
                 raise
             finally:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()  # the prefill's time, not its launch's
                 self.stats.prefilled_tokens += done
                 self.stats.prefills += 1
                 self.stats.time["prefill"] += time.perf_counter() - t0

@@ -70,6 +70,8 @@ def generate_autoregressive(
         cache = full_cache(capacity) if full_cache else FullCache(model.cfg, model.device, model.dtype, capacity=capacity)
     t0 = time.perf_counter()
     logits = prefill(model, prompt_ids, cache, None, layer_major)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()  # the prefill's time, not its launch's
     t_prefill = time.perf_counter() - t0
     out: list[int] = []
     t1 = time.perf_counter()

@@ -161,14 +161,15 @@ def test_cuda_host_buffers_are_exact_page_locked_blocks(monkeypatch):
     fake = types.SimpleNamespace(cudaHostRegister=lambda ptr, size, flags: calls.append(("reg", ptr, size)) or 0,
                                  cudaHostUnregister=lambda ptr: calls.append(("unreg", ptr)) or 0)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
-    t = CudaBackend.host_empty(None, (3, 1000, 2, 2, 4), torch.float16)
+    backend = types.SimpleNamespace(copy_stream=types.SimpleNamespace(synchronize=lambda: calls.append(("sync",))))
+    t = CudaBackend.host_empty(backend, (3, 1000, 2, 2, 4), torch.float16)
     assert t.shape == (3, 1000, 2, 2, 4) and t.dtype == torch.float16
     (kind, ptr, size), = calls
     assert ptr == t.data_ptr() and ptr % 4096 == 0 and size == -(-t.numel() * 2 // 4096) * 4096
     t[2, 999] = 1.0  # the whole block is addressable
     del t
     gc.collect()
-    assert calls[-1] == ("unreg", ptr)
+    assert calls[-2:] == [("sync",), ("unreg", ptr)]  # no copy may still target the pages when they are released
     fake.cudaHostRegister = lambda ptr, size, flags: 2  # cudaErrorMemoryAllocation
     with pytest.raises(RuntimeError, match="cudaHostRegister of .* GiB failed"):
-        CudaBackend.host_empty(None, (1000,), torch.float32)
+        CudaBackend.host_empty(backend, (1000,), torch.float32)
