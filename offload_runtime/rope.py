@@ -32,7 +32,12 @@ def _init_fn(rope_type: str) -> Callable[..., tuple[torch.Tensor, float]]:
     if rope_type == "default":
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-        return LlamaRotaryEmbedding.compute_default_rope_parameters
+        def default(config: Any, device: Any = None, **kwargs: Any) -> tuple[torch.Tensor, float]:
+            # `device` is not passed on: transformers < 5.18 warns that it is deprecated, later
+            # versions drop it. The caller builds inv_freq under its device and moves it there.
+            return LlamaRotaryEmbedding.compute_default_rope_parameters(config, **kwargs)
+
+        return default
     raise ValueError(f"unsupported rope_type {rope_type!r}")
 
 
