@@ -9,6 +9,7 @@ distribution (at temperature 0: exactly the target's greedy tokens).
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -28,6 +29,7 @@ from .speculative import verify
 from .tp import agree_int, agree_ints
 
 ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens total)
+REFRESH_WINDOW = 4  # L3 passes the acceptance-triggered re-retrieval averages over
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,12 @@ class EngineSettings:
     sinks: int = 16  # StreamingLLM sinks (L1)
     window: int = 256  # StreamingLLM total cache rows (L1)
     refresh_every: int = 0  # rebuild the retrieval selection every N L3 passes (0: never)
+    refresh_below: float = 0.0  # ... or when L3's acceptance of L2 over the last REFRESH_WINDOW passes is below this
 
     def __post_init__(self) -> None:
+        if self.refresh_every < 0 or not 0 <= self.refresh_below <= 1:
+            raise UserError(f"--refresh-every must be >= 0 and --refresh-below in [0, 1], got "
+                            f"{self.refresh_every}, {self.refresh_below}")
         if self.chunk_size <= 0:
             raise UserError(f"--chunk-size must be positive, got {self.chunk_size}")
         if self.gamma <= 0 or self.draft_gamma <= 0:
@@ -211,6 +217,7 @@ class Session:
         self._logits: torch.Tensor | None = None  # target logits after the last cached token
         self._reselect = True  # rebuild the retrieval selection at the next catch-up (new question)
         self._mark = self._snapshot()  # counters at the end of the previous answer
+        self._recent: deque[float] = deque(maxlen=REFRESH_WINDOW)  # L3 acceptance of L2, last passes
 
     def _snapshot(self) -> dict:
         return dict(vars(self.stats), time=dict(self.stats.time))
@@ -370,10 +377,24 @@ class Session:
         self.stats.emitted_in_rounds += len(take)
         self.full.truncate(keep)
         self.retrieval.write_rows(self.full, base, keep)  # the L3 pass computed the true K/V of these rows
-        if self.settings.refresh_every and self.stats.l3_passes % self.settings.refresh_every == 0:
+        if self._should_refresh(n, len(drafted)):
             self.retrieval.build(self.full, keep, [rows[:, len(take) - 1] for rows in self.full.recent_queries])
             self.stats.retrieval_builds += 1
         self._emit(take, out, on_tokens, max_new)
+
+    def _should_refresh(self, accepted: int, proposed: int) -> bool:
+        """The re-retrieval policy: every `refresh_every` passes, or when L3 has lately accepted
+        too little of what L2 proposed (`refresh_below`). Off by default."""
+        s = self.settings
+        if s.refresh_every and self.stats.l3_passes % s.refresh_every == 0:
+            self._recent.clear()
+            return True
+        if s.refresh_below and proposed:
+            self._recent.append(accepted / proposed)
+            if len(self._recent) == REFRESH_WINDOW and sum(self._recent) / REFRESH_WINDOW < s.refresh_below:
+                self._recent.clear()
+                return True
+        return False
 
     def _draft_l2(self, gamma: int) -> tuple[list[int], torch.Tensor]:
         """gamma tokens sampled (losslessly) from L2, and L2's distribution at each, [gamma, V]."""

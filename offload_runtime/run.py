@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-gamma", type=int, default=4, help="L1 draft tokens per L2 check")
     g.add_argument("--sinks", type=int, default=16, help="attention-sink tokens kept by the draft's StreamingLLM cache")
     g.add_argument("--window", type=int, default=256, help="total size of the draft's StreamingLLM cache")
+    g.add_argument("--refresh-every", type=int, default=0,
+                   help="rebuild the retrieval selection every N L3 passes (0: never)")
+    g.add_argument("--refresh-below", type=float, default=0.0,
+                   help="rebuild it when L3 accepted less than this share of L2's tokens over the last 4 passes (0: never)")
     g = p.add_argument_group("memory and device")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -219,7 +223,8 @@ def engine_settings(args: argparse.Namespace) -> Any:
     from .engine import EngineSettings
 
     return EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=args.gamma,
-                          draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window)
+                          draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window,
+                          refresh_every=args.refresh_every, refresh_below=args.refresh_below)
 
 
 def offload_kwargs(job: Job, target: Any) -> dict:

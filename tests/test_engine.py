@@ -95,11 +95,17 @@ def test_target_as_own_draft_short_prompt_accepts_all(checkpoint, prompt_ids):
     assert got.stats["l2_acceptance_of_l1"] == 1.0 and got.stats["l3_acceptance_of_l2"] == 1.0
 
 
-def test_refresh_policy_keeps_tokens(checkpoint, prompt_ids, draft_model):
+@pytest.mark.parametrize("policy", [dict(refresh_every=2), dict(refresh_below=0.9)])
+def test_refresh_policy_keeps_tokens(checkpoint, prompt_ids, draft_model, policy):
     target = load(checkpoint("llama"))
     ar = generate_autoregressive(target, prompt_ids, 25, GREEDY, []).token_ids
-    s = EngineSettings(budget=48, chunk_size=8, gamma=3, draft_gamma=2, sinks=4, window=40, refresh_every=2)
-    assert generate_triforce(target, draft_model, prompt_ids, 25, GREEDY, [], s).token_ids == ar
+    s = EngineSettings(budget=48, chunk_size=8, gamma=3, draft_gamma=2, sinks=4, window=40, **policy)
+    got = generate_triforce(target, draft_model, prompt_ids, 25, GREEDY, [], s)
+    assert got.token_ids == ar
+    assert got.stats["retrieval_builds"] >= 2  # the prefill's selection, then at least one rebuild
+    off = generate_triforce(target, draft_model, prompt_ids, 25, GREEDY, [],
+                            EngineSettings(budget=48, chunk_size=8, gamma=3, draft_gamma=2, sinks=4, window=40))
+    assert off.stats["retrieval_builds"] == 1  # off by default
 
 
 def _tiny_vocab_model(tmp_path, seed, vocab=8, **kw):
