@@ -70,11 +70,28 @@ class ChatFormat:
         # template renders it after the history.
         history = self._render(messages, False) if messages else ""
         if history and full.startswith(history):
-            return full[len(history):]
+            return self._closing(messages, known_text) + full[len(history):]
         common = 0  # no usable history rendering: append from where the texts diverge
         while common < min(len(full), len(known_text)) and full[common] == known_text[common]:
             common += 1
         return full[common:]
+
+    def _closing(self, messages: list[dict], known_text: str) -> str:
+        """What the template writes after the last answer (e.g. "<|im_end|>\n") that the context
+        does not end with yet: an answer cut by max-new-tokens or Ctrl-C lacks all of it, one that
+        ended with its EOS token lacks the rest."""
+        if not messages or messages[-1]["role"] != "assistant":
+            return ""
+        sentinel = "\x00closing\x00"
+        last = dict(messages[-1], content=messages[-1]["content"] + sentinel)
+        rendered = self._render(messages[:-1] + [last], False)
+        if sentinel not in rendered:
+            return ""
+        closing = rendered.split(sentinel, 1)[1]
+        for k in range(len(closing), 0, -1):  # the longest start of `closing` the context already has
+            if known_text.endswith(closing[:k]):
+                return closing[k:]
+        return closing
 
     def encode(self, text: str, first: bool) -> list[int]:
         special = first and not self.templated  # a template writes its own BOS

@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from .caches.base import KVCache
-from .caches.full import FullCache
+from .caches.full import RECENT_QUERIES, FullCache
 from .caches.offloaded import OffloadedCache
 from .caches.retrieval import RetrievalCache
 from .caches.streaming import StreamingCache
@@ -51,6 +51,8 @@ class EngineSettings:
             raise UserError(f"--chunk-size must be positive, got {self.chunk_size}")
         if self.gamma <= 0 or self.draft_gamma <= 0:
             raise UserError(f"--gamma and --draft-gamma must be positive, got {self.gamma}, {self.draft_gamma}")
+        if self.gamma >= RECENT_QUERIES:  # an L3 pass's query rows are kept for re-retrieval
+            raise UserError(f"--gamma must be below {RECENT_QUERIES}, got {self.gamma}")
         if self.budget < 2 * self.chunk_size:
             raise UserError(f"--budget {self.budget} must hold at least 2 chunks of --chunk-size {self.chunk_size}")
 
@@ -226,6 +228,8 @@ class Session:
         """Switch how the next answers are generated; the caches stay (a benchmark prefills once)."""
         t = self.target
         self.mode = mode
+        if mode == "autoregressive":
+            self.retrieval = None  # no L2 work while decoding autoregressively
         if mode == "triforce" and self.retrieval is None:
             self.retrieval = RetrievalCache(t.cfg, t.device, t.dtype, self.settings.budget, self.settings.chunk_size)
             self._reselect = True  # built from the full cache at the next catch-up
@@ -247,7 +251,7 @@ class Session:
     def truncate(self, length: int) -> None:
         """Drop the context after `length` tokens (e.g. /reset back to the document)."""
         self.context = self.context[:length]
-        self.full.truncate(min(self.full.length, max(length - 1, 0)))
+        self.full.truncate(min(self.full.length, max(len(self.context) - 1, 0)))
         self._logits = None
         self._reselect = True
         if self.l1 is not None:
@@ -256,6 +260,8 @@ class Session:
     def _catch_up(self) -> None:
         """Feed the context tokens the full cache lacks; bring L2 in line (a new selection after a
         new question or a mode switch, else the new rows). A no-op when everything is in step."""
+        if self._logits is None and self.full.length >= len(self.context) > 0:
+            self.full.truncate(len(self.context) - 1)  # (after an interruption) refeed the newest token for its logits
         todo = self.context[self.full.length:]
         l2 = self.retrieval
         reselect = l2 is not None and (self._reselect or l2.length < l2.base)
@@ -296,6 +302,7 @@ class Session:
                 l2.build(self.full, self.full.length, [q[:, -1] for q in self.full.recent_queries])
             self.stats.retrieval_builds += 1
             self._reselect = False
+            self._recent.clear()  # the acceptance of the previous selection says nothing of this one
         elif l2.length != self.full.length:
             l2.write_rows(self.full, min(l2.length, self.full.length), self.full.length)
 
@@ -378,7 +385,9 @@ class Session:
         self.full.truncate(keep)
         self.retrieval.write_rows(self.full, base, keep)  # the L3 pass computed the true K/V of these rows
         if self._should_refresh(n, len(drafted)):
-            self.retrieval.build(self.full, keep, [rows[:, len(take) - 1] for rows in self.full.recent_queries])
+            # the query of the last kept row; recent_queries holds the pass's last rows, so index from the end
+            last = len(take) - 1 - (len(drafted) + 1)
+            self.retrieval.build(self.full, keep, [rows[:, last] for rows in self.full.recent_queries])
             self.stats.retrieval_builds += 1
         self._emit(take, out, on_tokens, max_new)
 

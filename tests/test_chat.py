@@ -171,3 +171,5 @@ def test_template_that_trims_answers_appends_only_new_turns(checkpoint, document
     text = tok.decode(session.context)
     for q in QUESTIONS:
         assert text.count(q) == 1
+    # the system message and every answer (cut by max-new-tokens here) are closed as the template closes turns
+    assert text.count("<|im_end|>\n<|im_start|>user\n") == len(QUESTIONS)

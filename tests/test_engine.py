@@ -251,3 +251,26 @@ def test_switching_to_triforce_after_a_prefill(checkpoint, prompt_ids, draft_mod
     session.extend(prompt_ids)
     session.use("triforce", draft_model)
     assert session.generate(12).token_ids == ar
+
+
+def test_session_recovers_from_an_interrupted_prefill_and_a_long_truncate(checkpoint, prompt_ids):
+    target = load(checkpoint("llama"))
+    want = generate_autoregressive(target, prompt_ids[:40], 6, GREEDY, []).token_ids
+
+    def stop_at_the_end(done, total):
+        if done == total:
+            raise KeyboardInterrupt  # after the last chunk: the cache holds the context, the logits are lost
+
+    session = Session(target, None, GREEDY, [], EngineSettings(budget=64, gamma=3), progress=stop_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        session.extend(prompt_ids[:40])
+    session.progress = None
+    assert session.generate(6).token_ids == want
+    session.truncate(40)
+    session.truncate(500)  # longer than the context: nothing to cut, still consistent
+    assert session.generate(6).token_ids == want
+
+
+def test_gamma_is_bounded_by_the_kept_query_rows():
+    with pytest.raises(UserError, match="--gamma must be below 64"):
+        EngineSettings(gamma=64)
