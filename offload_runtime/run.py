@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="triforce: speculative engine; autoregressive: baseline over the same cache")
     g.add_argument("--budget", type=int, default=4096, help="retrieval-cache budget in tokens (L2)")
     g.add_argument("--chunk-size", type=int, default=8, help="tokens per retrieval chunk")
-    g.add_argument("--gamma", type=int, default=6, help="L2 tokens verified per L3 pass")
+    g.add_argument("--gamma", type=int, default=6, help="L2 tokens verified per L3 pass (1 to 63)")
     g.add_argument("--draft-gamma", type=int, default=4, help="L1 draft tokens per L2 check")
     g.add_argument("--sinks", type=int, default=16, help="attention-sink tokens kept by the draft's StreamingLLM cache")
     g.add_argument("--window", type=int, default=256, help="total size of the draft's StreamingLLM cache")
