@@ -80,8 +80,12 @@ def _rank_main(rank: int, world: int, port: int, runs: dict, out_dir: str) -> No
     results["cache_kv_heads"] = [full.k[0].shape[0], retrieval.k[0].shape[0], full.recent_queries[0].shape[0]]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    torch.distributed.barrier()  # tearing gloo down while the other rank still uses it can abort
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()  # both ranks are done with the group
+    # Leave at once, as the CLI's torchrun ranks do: tearing gloo's threads down (destroy_process_group
+    # or interpreter exit) aborts now and then with "terminate called without an active exception".
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
