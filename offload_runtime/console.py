@@ -54,13 +54,20 @@ class PrefillProgress:
         self.bar, self.last = None, 0
 
 
-def answer_summary(stats: dict) -> str:
-    """One line after an answer: tokens, speed, tokens per L3 pass."""
-    parts = [f"{stats.get('new_tokens')} tokens"]
+def answer_summary(stats: dict, lead: list[str] | None = None) -> str:
+    """One line after an answer: tokens, prefill, speed, tokens per L3 pass, offload traffic."""
+    parts = list(lead or []) + [f"{stats.get('new_tokens')} tokens"]
     if stats.get("prefill_s"):
         parts.append(f"prefill {stats.get('prefilled_tokens', 0)} tok in {stats['prefill_s']:.2f}s")
     if stats.get("decode_tokens_per_s"):
         parts.append(f"{stats['decode_tokens_per_s']:.2f} tok/s")
     if stats.get("mean_accepted_per_pass") is not None:
         parts.append(f"{stats['mean_accepted_per_pass']:.2f} tok/L3 pass")
+    if stats.get("offloaded_layers"):
+        parts.append(f"{stats['offloaded_layers']} layers offloaded")
+        if stats.get("h2d_bytes_per_token"):
+            parts.append(f"H2D {stats['h2d_bytes_per_token'] / 2**20:.1f} MiB/tok")
+        if stats.get("h2d_gbps"):
+            link = f" ({stats['link_fraction']:.0%} of link)" if stats.get("link_fraction") else ""
+            parts.append(f"{stats['h2d_gbps']:.1f} GB/s{link}")
     return "[" + ", ".join(parts) + "]"

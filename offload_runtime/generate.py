@@ -89,6 +89,7 @@ def generate_autoregressive(
         "prompt_tokens": len(prompt_ids),
         "new_tokens": len(out),
         "prefill_s": t_prefill,
+        "prefilled_tokens": len(prompt_ids),
         "decode_s": t_decode,
         "decode_tokens_per_s": len(out) / t_decode if t_decode > 0 else None,
         "target_forwards": len(out),

@@ -295,23 +295,6 @@ def chat(args: argparse.Namespace, job: Job, document: str | None, first: str | 
     return run_chat(conversation, args.json, first)
 
 
-def summary_line(stats: dict) -> str:
-    parts = [f"{stats.get('mode')}", f"prompt {stats.get('prompt_tokens')} tok",
-             f"prefill {stats.get('prefill_s', 0):.2f}s", f"{stats.get('new_tokens')} new tok"]
-    if stats.get("decode_tokens_per_s"):
-        parts.append(f"{stats['decode_tokens_per_s']:.2f} tok/s")
-    if stats.get("mean_accepted_per_pass") is not None:
-        parts.append(f"{stats['mean_accepted_per_pass']:.2f} tok/L3 pass")
-    if stats.get("offloaded_layers"):
-        parts.append(f"{stats['offloaded_layers']} layers offloaded")
-        if stats.get("h2d_bytes_per_token"):
-            parts.append(f"H2D {stats['h2d_bytes_per_token'] / 2**20:.1f} MiB/tok")
-        if stats.get("h2d_gbps"):
-            link = f" ({stats['link_fraction']:.0%} of link)" if stats.get("link_fraction") else ""
-            parts.append(f"{stats['h2d_gbps']:.1f} GB/s{link}")
-    return "[" + ", ".join(parts) + "]"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun with several ranks
         return main_parallel(argv)
@@ -347,7 +330,11 @@ def print_result(out: dict, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(out))
     else:
-        print(summary_line(out["stats"]), file=sys.stderr)
+        from .console import answer_summary
+
+        stats = out["stats"]
+        print(answer_summary(stats, [str(stats.get("mode")), f"prompt {stats.get('prompt_tokens')} tok"]),
+              file=sys.stderr)
 
 
 def main_parallel(argv: Sequence[str] | None = None, destroy: bool = True) -> int:
