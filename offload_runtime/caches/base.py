@@ -45,6 +45,18 @@ def grown_capacity(needed: int, current: int, block: int = 256) -> int:
     return -(-cap // block) * block
 
 
+def regrown(k: list[torch.Tensor], v: list[torch.Tensor], cfg: Any, rows: int, keep: int,
+            device: torch.device, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """New per-layer K and V buffers [Hkv, rows, D] holding the first `keep` rows of the old ones
+    (a cache outgrowing its allocation)."""
+    shape = (cfg.num_kv_heads, rows, cfg.head_dim)
+    new_k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+    new_v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+    for old, new in zip(k + v, new_k + new_v):
+        new[:, :keep].copy_(old[:, :keep])
+    return new_k, new_v
+
+
 def allocates(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Make a cache's buffers outside inference mode. A buffer created while a forward runs
     (under torch.inference_mode) would be an inference tensor, and the engine's updates

@@ -5,7 +5,7 @@ import torch
 
 from ..config import ModelConfig
 from ..kernels import attention
-from .base import FullKVCache, allocates, grown_capacity, kv_row_bytes
+from .base import FullKVCache, allocates, grown_capacity, kv_row_bytes, regrown
 
 RECENT_QUERIES = 64  # query rows kept per layer, for (re-)building the retrieval selection
 
@@ -34,12 +34,8 @@ class FullCache(FullKVCache):
         if needed <= self.capacity and self.k:
             return
         cap = grown_capacity(needed, self.capacity)
-        shape = (self.cfg.num_kv_heads, cap, self.cfg.head_dim)
-        new_k = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
-        new_v = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
-        for old, new in zip(self.k + self.v, new_k + new_v):
-            new[:, : self.length].copy_(old[:, : self.length])
-        self.k, self.v, self.capacity = new_k, new_v, cap
+        self.k, self.v = regrown(self.k, self.v, self.cfg, cap, self.length, self.device, self.dtype)
+        self.capacity = cap
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = k.shape[1]

@@ -14,7 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..kernels import attention, select_chunks
-from .base import FullKVCache, KVCache, allocates, grown_capacity, kv_row_bytes
+from .base import FullKVCache, KVCache, allocates, grown_capacity, kv_row_bytes, regrown
 
 
 _MEAN_BLOCK = 1024  # chunks averaged at a time while building a selection
@@ -52,15 +52,11 @@ class RetrievalCache(KVCache):
         if rows <= self.capacity:
             return
         cap = -(-rows // BLOCK) * BLOCK if exact else grown_capacity(rows, self.capacity)
-        hkv, d = self.cfg.num_kv_heads, self.cfg.head_dim
         used = self._slot(self.length)
-        new_k = [torch.empty(hkv, cap, d, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
-        new_v = [torch.empty(hkv, cap, d, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
-        for old, new in zip(self.k + self.v, new_k + new_v):
-            new[:, :used].copy_(old[:, :used])
-        new_pos = torch.zeros(self.cfg.num_layers, hkv, cap, dtype=torch.long, device=self.device)
+        self.k, self.v = regrown(self.k, self.v, self.cfg, cap, used, self.device, self.dtype)
+        new_pos = torch.zeros(self.cfg.num_layers, self.cfg.num_kv_heads, cap, dtype=torch.long, device=self.device)
         new_pos[:, :, :used] = self.pos[:, :, :used]
-        self.k, self.v, self.pos, self.capacity = new_k, new_v, new_pos, cap
+        self.pos, self.capacity = new_pos, cap
 
     def selection_plan(self, context: int) -> tuple[int, int, int]:
         """(full chunks in the context, chunks to keep, tail rows kept whole)."""

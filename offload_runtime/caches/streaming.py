@@ -11,7 +11,7 @@ import torch
 from ..config import ModelConfig
 from ..kernels import attention
 from ..rope import RotaryEmbedding
-from .base import KVCache, allocates, grown_capacity, kv_row_bytes
+from .base import KVCache, allocates, grown_capacity, kv_row_bytes, regrown
 
 SPARE_ROWS = 64  # rows past the window: a round's tokens before the eviction
 BLOCK = 64
@@ -41,12 +41,8 @@ class StreamingCache(KVCache):
         if rows <= self.capacity:
             return
         cap = grown_capacity(rows, self.capacity, block=BLOCK)
-        shape = (self.cfg.num_kv_heads, cap, self.cfg.head_dim)
-        new_k = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
-        new_v = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
-        for old, new in zip(self.k + self.v, new_k + new_v):
-            new[:, : self.length].copy_(old[:, : self.length])
-        self.k, self.v, self.capacity = new_k, new_v, cap
+        self.k, self.v = regrown(self.k, self.v, self.cfg, cap, self.length, self.device, self.dtype)
+        self.capacity = cap
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = k.shape[1]
