@@ -11,7 +11,6 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 from .errors import UserError
@@ -230,25 +229,28 @@ def engine_settings(args: argparse.Namespace) -> Any:
                           refresh_every=args.refresh_every, refresh_below=args.refresh_below)
 
 
-def generate_once(args: argparse.Namespace, job: Job, target: Any, draft: Any, stream: bool = True) -> dict:
+def make_session(args: argparse.Namespace, job: Job, target: Any, draft: Any, capacity: int = 0) -> Any:
+    """The Session the CLI decodes with (single-shot and chat alike), over the planned L3 cache."""
     import torch
 
-    from .console import TextStreamer
-    from .generate import generate_autoregressive, generate_triforce
     from .sampling import SamplingParams
+    from .session import Session
 
-    params = SamplingParams(args.temperature, args.top_p)
-    prompt_ids = job.prompt_ids
     generator = torch.Generator(device=job.device).manual_seed(args.seed)
+    return Session(target.model, draft.model if draft else None, SamplingParams(args.temperature, args.top_p),
+                   target.eos_ids, engine_settings(args), generator, args.mode, cache=job.build_cache(target.model),
+                   capacity=capacity)
+
+
+def generate_once(args: argparse.Namespace, job: Job, target: Any, draft: Any, stream: bool = True) -> dict:
+    from .console import TextStreamer
+
+    prompt_ids = job.prompt_ids
     stream = TextStreamer(target.tokenizer) if stream and not args.json else None
-    cache = job.build_cache(target.model)
-    if args.mode == "autoregressive":
-        result = generate_autoregressive(target.model, prompt_ids, args.max_new_tokens, params,
-                                         target.eos_ids, generator, cache=cache, on_tokens=stream)
-    else:
-        result = generate_triforce(target.model, draft.model if draft else None, prompt_ids,
-                                   args.max_new_tokens, params, target.eos_ids, engine_settings(args), generator,
-                                   on_tokens=stream, cache=cache)
+    slots = args.gamma + 1 if args.mode == "triforce" else 0  # an L3 pass writes gamma + 1 rows past the answer
+    session = make_session(args, job, target, draft, capacity=len(prompt_ids) + args.max_new_tokens + slots)
+    session.extend(prompt_ids)
+    result = session.generate(args.max_new_tokens, stream)
     if stream:
         stream.finish()
     result.stats["memory_plan"] = job.plan.as_dict()
@@ -265,18 +267,12 @@ def first_chat_message(args: argparse.Namespace) -> str | None:
 
 def chat(args: argparse.Namespace, job: Job, document: str | None, first: str | None, target: Any,
          draft: Any) -> int:
-    import torch
-
     from .chat import ChatSession, run_chat
     from .console import PrefillProgress
-    from .engine import Session
-    from .sampling import SamplingParams
 
     # Ctrl-C must reach us as KeyboardInterrupt even when started with SIGINT ignored (e.g. a background job)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    generator = torch.Generator(device=job.device).manual_seed(args.seed)
-    session = Session(target.model, draft.model if draft else None, SamplingParams(args.temperature, args.top_p),
-                      target.eos_ids, engine_settings(args), generator, args.mode, cache=job.build_cache(target.model))
+    session = make_session(args, job, target, draft)
     progress = PrefillProgress()
     try:
         conversation = ChatSession(session, target.tokenizer, document, args.max_new_tokens, progress)
