@@ -17,7 +17,8 @@ import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,37 +89,30 @@ def row(results: list, kernel: str, impl: str, shape: dict, seconds: float, nbyt
           f"({100 * gbs * 1e9 / bandwidth:5.1f}% of copy){extra}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small shapes only")
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels_<device>_<time>.json)")
-    args = ap.parse_args(argv)
+HQ, HKV, D = 32, 8, 128  # a Llama-3-8B-like attention layer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
-    tk = None
-    note = None
-    if device.type == "cuda":
-        from offload_runtime.kernels import load_triton
 
-        tk = load_triton()
-    else:
-        note = "no CUDA device: Triton kernels need CUDA (the interpreter is for tests), so only the references and SDPA are timed, in float32"
-        print(note, flush=True)
-    torch.manual_seed(0)
-    bandwidth = copy_bandwidth(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); dtype {dtype}", flush=True)
-    results: list[dict] = []
-    elt = torch.finfo(dtype).bits // 8
+@dataclass
+class Bench:
+    """What every benchmark section needs: where it runs, the Triton module (None on CPU), results."""
+    device: torch.device
+    dtype: torch.dtype
+    tk: Any
+    bandwidth: float
+    results: list[dict]
+    elt: int
+    quick: bool
 
-    hq, hkv, d = 32, 8, 128
-    lengths = [4096, 32768] if not args.quick else [4096]
-    if device.type == "cuda" and not args.quick:
+
+def bench_decode_attention(c: Bench) -> None:
+    """Attention with decode-sized T against a retrieval-sized or full cache."""
+    device, dtype, tk, bandwidth, results, elt = c.device, c.dtype, c.tk, c.bandwidth, c.results, c.elt
+    hq, hkv, d = HQ, HKV, D
+    lengths = [4096, 32768] if not c.quick else [4096]
+    if device.type == "cuda" and not c.quick:
         lengths.append(131072)
     if device.type == "cpu":
-        lengths = [1024, 4096] if not args.quick else [1024]
+        lengths = [1024, 4096] if not c.quick else [1024]
 
     # attention: decode-sized T against the retrieval cache (4096) or a full cache
     for length in lengths:
@@ -137,8 +131,15 @@ def main(argv: list[str] | None = None) -> int:
             for impl, fn in impls.items():
                 row(results, "attention", impl, shape, timed(fn, device), nbytes, bandwidth)
 
+
+
+
+def bench_prefill_attention(c: Bench) -> None:
+    """Causal prefill attention (compute-bound)."""
+    device, dtype, tk, bandwidth, results, elt = c.device, c.dtype, c.tk, c.bandwidth, c.results, c.elt
+    hq, hkv, d = HQ, HKV, D
     # causal prefill (queries = the keys' own rows): compute-bound; useful FLOPs count the causal half
-    for t in ([2048, 8192] if device.type == "cuda" and not args.quick else [2048] if device.type == "cuda" else [256]):
+    for t in ([2048, 8192] if device.type == "cuda" and not c.quick else [2048] if device.type == "cuda" else [256]):
         q = torch.randn(hq, t, d, device=device, dtype=dtype)
         k = torch.randn(hkv, t, d, device=device, dtype=dtype)
         v = torch.randn(hkv, t, d, device=device, dtype=dtype)
@@ -153,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         for impl, fn in impls.items():
             row(results, "attention_prefill", impl, shape, timed(fn, device), nbytes, bandwidth, flops)
 
+
+
+
+def bench_partials(c: Bench) -> None:
+    """One slab of a streamed full cache (partial + lse), and the merge of 16 partials."""
+    device, dtype, tk, bandwidth, results, elt = c.device, c.dtype, c.tk, c.bandwidth, c.results, c.elt
+    hq, hkv, d = HQ, HKV, D
     # one slab of a streamed full cache (partial + lse), and the merge of 16 partials
     slab = 8192 if device.type == "cuda" else 2048
     for t in (1, 7):
@@ -178,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         for impl, fn in impls.items():
             row(results, "merge_partials", impl, shape, timed(fn, device), nbytes, bandwidth)
 
+
+
+
+def bench_chunk_selection(c: Bench) -> None:
+    """Chunk scoring and top-k over a long prompt."""
+    device, dtype, tk, bandwidth, results, elt = c.device, c.dtype, c.tk, c.bandwidth, c.results, c.elt
+    hq, hkv, d = HQ, HKV, D
     # chunk scoring + top-k: a 128K-token prompt in chunks of 8 (fp32 mean keys, as the cache builds them)
     n_chunks = 16384 if device.type == "cuda" else 2048
     chunk_keys = torch.randn(hkv, n_chunks, d, device=device)
@@ -195,6 +210,35 @@ def main(argv: list[str] | None = None) -> int:
     for impl, fn in impls.items():
         row(results, "select_chunks", impl, shape, timed(fn, device), nbytes, bandwidth)
 
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes only")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels_<device>_<time>.json)")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    tk = None
+    note = None
+    if device.type == "cuda":
+        from offload_runtime.kernels import load_triton
+
+        tk = load_triton()
+    else:
+        note = "no CUDA device: Triton kernels need CUDA (the interpreter is for tests), so only the references and SDPA are timed, in float32"
+        print(note, flush=True)
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {name}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); dtype {dtype}", flush=True)
+    c = Bench(device, dtype, tk, bandwidth, [], torch.finfo(dtype).bits // 8, args.quick)
+    for section in (bench_decode_attention, bench_prefill_attention, bench_partials, bench_chunk_selection):
+        section(c)
+    results = c.results
     report = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": name, "device_type": device.type, "torch": torch.__version__,

@@ -125,6 +125,23 @@ def run_transformers(hf: Any, prompt: list[int], new_tokens: int, device: torch.
             "cache": kwargs.get("cache_implementation", "dynamic")}, out[0, len(prompt):].tolist()
 
 
+def transformers_run(hf: Any, prompt: list[int], new_tokens: int, device: torch.device) -> tuple[dict, list[int]]:
+    """transformers' generate on the same prompt; running out of GPU memory is a result too."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        stats, tokens = run_transformers(hf, prompt, new_tokens, device)
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        print(f"  context {len(prompt)}: transformers: out of memory ({str(exc).splitlines()[0]})", file=sys.stderr)
+        return {"mode": "transformers", "prefill_s": None, "decode_s_per_token": None,
+                "error": "out of GPU memory"}, []
+    if device.type == "cuda":
+        stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    print(f"  context {len(prompt)}: transformers: {stats['decode_s_per_token']:.4f} s/token", file=sys.stderr)
+    return stats, tokens
+
+
 def phase_costs(stats: dict) -> dict:
     """Per-phase seconds from an engine run's counters (L2 time includes the L1 steps it drives)."""
     l3 = stats["time_l3_s"] / stats["l3_passes"] if stats.get("l3_passes") else None
@@ -148,20 +165,19 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
     prompt = make_prompt(context, target.cfg.vocab_size, text_ids)
     settings = EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=args.gamma,
                               draft_gamma=args.draft_gamma)
-    rows: list[dict] = []
     runs: dict[str, list[tuple[dict, list[int]]]] = {}
     offload = args.offload == "on" or (args.offload == "auto" and device.type == "cuda")
-    cache_kwargs: dict[str, Any] = {}
-    if offload:
-        from offload_runtime.caches.offloaded import OffloadedCache
-        from offload_runtime.cuda_streams import link_bandwidth
-
-        cache_kwargs = dict(full_cache=lambda cap: OffloadedCache(target.cfg, device, target.dtype, cap,
-                                                                  args.on_chip_layers),
-                            link_gbps=link_bandwidth(device) if device.type == "cuda" else None)
+    capacity = context + args.new_tokens + args.gamma + 1
     for rep in range(args.repeats):
+        cache = None
+        if offload:
+            from offload_runtime.caches.offloaded import OffloadedCache
+            from offload_runtime.cuda_streams import link_bandwidth
+
+            cache = OffloadedCache(target.cfg, device, target.dtype, capacity, args.on_chip_layers,
+                                   link_gbps=link_bandwidth(device) if device.type == "cuda" else None)
         session = Session(target, None, SamplingParams(0.0), [], settings, None, "autoregressive",
-                          capacity=context + args.new_tokens + args.gamma + 1, **cache_kwargs)
+                          cache=cache, capacity=capacity)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -181,22 +197,13 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
             print(f"  context {context}: {name}: {stats['decode_s_per_token']:.4f} s/token", file=sys.stderr)
         del session
         if not args.skip_transformers:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            try:
-                stats, tokens = run_transformers(hf, prompt, args.new_tokens, device)
-            except torch.cuda.OutOfMemoryError as exc:  # a baseline that does not fit is a result too
-                torch.cuda.empty_cache()
-                print(f"  context {context}: transformers: out of memory ({str(exc).splitlines()[0]})",
-                      file=sys.stderr)
-                runs.setdefault("transformers generate", []).append(
-                    ({"mode": "transformers", "prefill_s": None, "decode_s_per_token": None,
-                      "error": "out of GPU memory"}, []))
-                continue
-            if device.type == "cuda":
-                stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            runs.setdefault("transformers generate", []).append((stats, tokens))
-            print(f"  context {context}: transformers: {stats['decode_s_per_token']:.4f} s/token", file=sys.stderr)
+            runs.setdefault("transformers generate", []).append(transformers_run(hf, prompt, args.new_tokens, device))
+    return summary_rows(runs, context, args.new_tokens)
+
+
+def summary_rows(runs: dict[str, list[tuple[dict, list[int]]]], context: int, new_tokens: int) -> list[dict]:
+    """One row per system: medians over the repeats, and whether its tokens equal ours autoregressive."""
+    rows: list[dict] = []
     reference = runs["ours autoregressive"][0][1]
     for name, results in runs.items():
         stats = dict(results[0][0])
@@ -204,7 +211,7 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
             values = [r[0][key] for r in results if r[0].get(key) is not None]
             stats[key] = statistics.median(values) if values else None
         rows.append({
-            "system": name, "context": context, "new_tokens": args.new_tokens,
+            "system": name, "context": context, "new_tokens": new_tokens,
             "prefill_s": stats["prefill_s"], "decode_s_per_token": stats["decode_s_per_token"],
             "mean_accepted_per_pass": stats.get("mean_accepted_per_pass"),
             "l2_acceptance_of_l1": stats.get("l2_acceptance_of_l1"),

@@ -21,10 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offload_runtime.caches.offloaded import OffloadedCache, sdpa_attention  # noqa: E402
+from offload_runtime.caches.offloaded import OffloadedCache  # noqa: E402
 from offload_runtime.config import ModelConfig  # noqa: E402
 from offload_runtime.cuda_streams import LayerPipeline, link_bandwidth, make_backend  # noqa: E402
 from offload_runtime.generate import generate_autoregressive  # noqa: E402
+from offload_runtime.kernels import attention  # noqa: E402
 from offload_runtime.model import CausalLM  # noqa: E402
 from offload_runtime.sampling import SamplingParams  # noqa: E402
 from offload_runtime.synthetic import hf_config  # noqa: E402
@@ -56,7 +57,7 @@ def l3_pass_bench(layers: int, context: int, passes: int, gamma: int, dev: torch
             slab = pipe.acquire(i)
             slab[context:context + gamma + 1] = 0.5
             kv = slab[: context + gamma + 1]
-            sdpa_attention(q, kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1), pos[context:], pos)
+            attention(q, kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1), pos[context:], pos)
             x @ w  # the layer's weight traffic (q/k/v/o + MLP), roughly
             pipe.release(i, context, context + gamma + 1)
 
@@ -107,8 +108,8 @@ def end_to_end(layers: int, prompt: int, new_tokens: int, dev: torch.device = to
     out["on_gpu"] = {k: on_gpu.stats[k] for k in ("prefill_s", "decode_tokens_per_s")}
     link = link_bandwidth(dev)
     for on_chip in (0, layers // 2):
-        r = generate_autoregressive(model, ids, new_tokens, params, [], link_gbps=link,
-                                    full_cache=lambda cap: OffloadedCache(cfg, dev, dtype, cap, on_chip))
+        cache = OffloadedCache(cfg, dev, dtype, prompt + new_tokens, on_chip, link_gbps=link)
+        r = generate_autoregressive(model, ids, new_tokens, params, [], cache=cache)
         out[f"offloaded_on_chip_{on_chip}"] = {
             k: r.stats[k] for k in ("prefill_s", "decode_tokens_per_s", "h2d_bytes_per_token", "h2d_gbps",
                                     "copy_wait_fraction_of_l3", "link_fraction", "prefill_d2h_bytes")}

@@ -22,10 +22,12 @@ import torch
 
 from .backend import Backend
 
+SLABS = 2  # device slabs a pass streams the host-resident layers through (the planner counts the same)
+
 
 class LayerPipeline:
     def __init__(self, backend: Backend, n_layers: int, row_shape: tuple[int, ...], capacity: int,
-                 dtype: torch.dtype, n_slabs: int = 2) -> None:
+                 dtype: torch.dtype, n_slabs: int = SLABS) -> None:
         if n_layers <= 0 or capacity <= 0:
             raise ValueError(f"need layers > 0 and capacity > 0, got {n_layers}, {capacity}")
         if n_slabs < 2:

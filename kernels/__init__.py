@@ -9,6 +9,11 @@ Dispatch, decided at every call (so tests can switch it with environment variabl
   on their references.
 - OFFLOAD_RUNTIME_KERNELS=triton: Triton always; inputs it does not take raise ValueError
   naming them, and CPU tensors without TRITON_INTERPRET=1 raise RuntimeError.
+Every attention of the engine (the full, offloaded, retrieval and streaming caches, the
+layer-major prefill) calls `attention` here. The slab kernels (attention_partial_triton,
+merge_partials_triton, with their references and `reference.merge_streamed`) are the pieces
+of an attention that starts on the first slab of a streamed layer; they are tested and
+benchmarked but not dispatched: the layer pipeline brings each layer whole into one slab.
 The Triton attention takes any number of queries: decode (gamma+1 queries, the G query heads
 of a KV head packed into one tile, keys split across programs) and prefill (tiles of 64
 queries; key tiles that no query of a tile can see, by position, are skipped).
@@ -21,8 +26,6 @@ import functools
 import importlib.util
 import os
 from types import ModuleType
-from typing import Iterable
-
 import torch
 
 from .sdpa import attention_sdpa
@@ -32,12 +35,11 @@ from .reference import (
     attention_reference,
     chunk_scores_reference,
     merge_partials_reference,
-    merge_streamed,
     select_chunks_reference,
     streamed_attention_reference,
     top_chunks,
 )
-from .support import attention_reason, chunk_scores_reason, merge_reason
+from .support import attention_reason, chunk_scores_reason
 
 MODES = ("auto", "triton", "reference")
 _triton_module: ModuleType | None = None
@@ -94,30 +96,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     return attention_reference(q, k, v, q_pos, k_pos, sliding_window)
 
 
-def attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                      sliding_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over one slab: (out fp32, lse fp32), mergeable (see `attention_partial_reference`)."""
-    if _use_triton(q, attention_reason(q, k, v, q_pos, k_pos)):
-        return load_triton().attention_partial_triton(q, k, v, q_pos, k_pos, sliding_window)
-    return attention_partial_reference(q, k, v, q_pos, k_pos, sliding_window)
-
-
-def merge_partials(outs: torch.Tensor, lses: torch.Tensor,
-                   out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge [S] partial attentions by log-sum-exp (see `merge_partials_reference`)."""
-    reason = merge_reason(outs, lses, out_dtype)
-    if _use_triton(outs, reason):
-        return load_triton().merge_partials_triton(outs, lses, out_dtype)
-    return merge_partials_reference(outs, lses, out_dtype)
-
-
-def streamed_attention(q: torch.Tensor, slabs: Iterable[Slab], q_pos: torch.Tensor,
-                       sliding_window: int | None = None) -> torch.Tensor:
-    """Attention over a cache arriving as slabs (k, v, k_pos): each slab is attended when it
-    arrives and merged into a running result (see `streamed_attention_reference`)."""
-    return merge_streamed(q, slabs, q_pos, sliding_window, attention_partial, merge_partials)
-
-
 def chunk_scores(chunk_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """[Hkv, N] fp32 scores of chunk mean keys against the query, GQA heads summed."""
     reason = chunk_scores_reason(chunk_keys, query)
@@ -132,7 +110,7 @@ def select_chunks(chunk_keys: torch.Tensor, query: torch.Tensor, n_select: int) 
 
 
 __all__ = [
-    "attention", "attention_partial", "merge_partials", "streamed_attention", "chunk_scores", "select_chunks",
+    "attention", "chunk_scores", "select_chunks",
     "attention_reference", "attention_partial_reference", "merge_partials_reference", "streamed_attention_reference",
     "chunk_scores_reference", "select_chunks_reference", "kernel_mode", "load_triton", "Slab",
 ]

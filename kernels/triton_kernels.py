@@ -74,17 +74,14 @@ def _attention_kernel(
     t = rows % n_queries
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
-
     q = tl.load(Q + q_head[:, None] * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     q_pos = tl.load(QPOS + t * stride_qp, mask=row_ok, other=0)
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of base-2 scores
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
     start = split * split_len
     stop = tl.minimum(start + split_len, n_keys)
     n = tl.arange(0, BLOCK_N)

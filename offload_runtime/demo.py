@@ -16,8 +16,8 @@ import torch
 
 from . import loading, synthetic
 from .caches.offloaded import OffloadedCache
-from .engine import EngineSettings, generate_triforce
-from .generate import generate_autoregressive
+from .generate import generate_autoregressive, generate_triforce
+from .settings import EngineSettings
 from .sampling import SamplingParams
 
 DEMO_PROMPT_WORDS = 1200
@@ -47,13 +47,14 @@ def run_demo(args: argparse.Namespace) -> int:
     n_new = min(args.max_new_tokens, 64)
     runs = []
     # the full cache of 3 of the 4 target layers in host memory, streamed layer by layer
-    offloaded = lambda cap: OffloadedCache(target.model.cfg, device, target.model.dtype, cap, on_chip_layers=1)  # noqa: E731
+    offloaded = OffloadedCache(target.model.cfg, device, target.model.dtype, len(ids) + n_new + settings.gamma + 1,
+                               on_chip_layers=1)
     for name, fn in [
         ("autoregressive", lambda g: generate_autoregressive(target.model, ids, n_new, params, [], g)),
         ("triforce, 2 levels", lambda g: generate_triforce(target.model, None, ids, n_new, params, [], settings, g)),
         ("triforce, 3 levels", lambda g: generate_triforce(target.model, draft.model, ids, n_new, params, [], settings, g)),
         ("triforce, offloaded", lambda g: generate_triforce(target.model, draft.model, ids, n_new, params, [], settings, g,
-                                                            full_cache=offloaded)),
+                                                            cache=offloaded)),
     ]:
         runs.append((name, fn(torch.Generator(device=device).manual_seed(args.seed))))
     base = runs[0][1].token_ids

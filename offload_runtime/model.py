@@ -7,13 +7,29 @@ computes attention. Tensor parallelism shards these same modules in place.
 """
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from .caches.base import KVCache
+from .caches.base import FullKVCache, KVCache
+from .caches.layer_writer import LayerWriter
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
+
+PREFILL_CHUNK = 1024  # prompt tokens per forward (token-major) or per chunk within a layer (layer-major), at most
+MASK_BYTES = 512 << 20  # bound on one chunk's attention mask (SDPA): fewer tokens per chunk at long contexts
+PROGRESS_MIN_TOKENS = 8192  # the layer-major prefill shows a progress bar (stderr) from this prompt length on
+LayerHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (layer, K, V, last query)
+
+
+def prefill_chunk(kv_groups: int, context: int) -> int:
+    """Tokens per layer-major chunk: PREFILL_CHUNK, fewer when one chunk's mask (G*chunk x context,
+    bool and its float bias) would pass MASK_BYTES."""
+    return max(64, min(PREFILL_CHUNK, MASK_BYTES // (3 * kv_groups * max(context, 1))))
 
 
 class RMSNorm(nn.Module):
@@ -103,15 +119,52 @@ class CausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
+    def _embed(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden states [T, H] of the tokens and the rotary tables of their positions in `cache`."""
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rope.cos_sin(cache.positions(tokens.shape[0], tokens.device), x.dtype)
+        return x, cos, sin
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(x)).float()
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """tokens: [T] (one sequence). Returns fp32 logits [T, V] (or [1, V] with last_only)."""
-        x = self.model.embed_tokens(tokens)
-        positions = cache.positions(tokens.shape[0], tokens.device)
-        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        x, cos, sin = self._embed(tokens, cache)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache)
         cache.advance(tokens.shape[0])
-        if last_only:
-            x = x[-1:]
-        return self.lm_head(self.model.norm(x)).float()
+        return self._head(x[-1:] if last_only else x)
+
+    @torch.inference_mode()
+    def forward_layer_major(self, tokens: torch.Tensor, cache: FullKVCache, on_layer: LayerHook | None = None,
+                            chunk_tokens: int | None = None, progress: bool | None = None) -> torch.Tensor:
+        """Append `tokens` [T] to `cache` one layer at a time; fp32 logits of the last token, [1, V].
+
+        All tokens go through layer l (in chunks, to bound activation memory), its K/V is final
+        (`close_layer`: written back once) and `on_layer(l, K, V, last query)` sees rows [0, end)
+        while they are on the device (the retrieval selection is built there), then layer l+1.
+        The numbers equal `forward`'s up to fp32 summation order."""
+        n = tokens.shape[0]
+        start, end = cache.length, cache.length + n
+        chunk_tokens = chunk_tokens or prefill_chunk(self.cfg.kv_groups, end)
+        x, cos, sin = self._embed(tokens, cache)
+        layers = self.model.layers
+        bar = tqdm(total=len(layers) * n, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr,
+                   disable=not (n >= PROGRESS_MIN_TOKENS if progress is None else progress), leave=False)
+        for i, layer in enumerate(layers):
+            k_buf, v_buf = cache.open_layer(i, n)
+            writer = LayerWriter(k_buf, v_buf, start, self.cfg.sliding_windows[i])
+            bar.set_postfix_str(f"layer {i + 1}/{len(layers)}", refresh=False)
+            for a in range(0, n, chunk_tokens):
+                b = min(n, a + chunk_tokens)
+                x[a:b] = layer(x[a:b], cos[a:b], sin[a:b], writer)
+                bar.update(b - a)
+            cache.recent_queries[i] = writer.recent
+            if on_layer is not None:
+                on_layer(i, k_buf[:, :end], v_buf[:, :end], writer.recent[:, -1])
+            cache.close_layer(i, start, end)
+        bar.close()
+        cache.advance(n)
+        return self._head(x[-1:])

@@ -14,15 +14,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .caches.base import grown_capacity
+from .caches.full import FullCache
+from .caches.offloaded import OffloadedCache
+from .caches.retrieval import RetrievalCache
+from .caches.streaming import StreamingCache
 from .config import ModelConfig
+from .cuda_streams import SLABS
 from .errors import UserError
-from .prefill import MASK_BYTES, PREFILL_CHUNK  # the activations the layer-major prefill holds
+from .model import MASK_BYTES, PREFILL_CHUNK  # the activations the layer-major prefill holds
 
 GiB = 2**30
 CUDA_RESERVE = 1 * GiB  # CUDA context, cuBLAS workspaces, allocator fragmentation
 HOST_RESERVE = 2 * GiB  # left free for the OS, Python and the weights' load path (at most 5% of what is available)
-N_SLABS = 2
 
 
 @dataclass(frozen=True)
@@ -149,18 +152,15 @@ def _layout(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, 
     """The plan for one context length (no checks); on_chip None = as many as fit."""
     b = dtype_bytes(dtype)
     layers = cfg.num_layers
-    kv_row = 2 * (cfg.num_kv_heads // tp) * cfg.head_dim * b  # one token, one layer, this rank
-    layer_kv = context * kv_row
+    layer_kv = FullCache.planned_bytes(cfg, dtype, context, layers=1, tp=tp)  # one layer, this rank
     vocab_params = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     # tensor parallelism splits the layers; embeddings and lm_head are replicated on every rank (tp.py)
     weights = ((count_parameters(cfg) - vocab_params) // tp + vocab_params) * b
     prompt = max(0, context - new_tokens)
-    retrieval_rows = min(prompt, budget) + new_tokens + 64  # as RetrievalCache.begin_build allocates
-    retrieval = layers * (-(-retrieval_rows // 256) * 256) * kv_row
+    retrieval = RetrievalCache.planned_bytes(cfg, dtype, prompt, budget, new_tokens, tp)
     draft = 0
     if draft_cfg is not None:
-        draft_row = 2 * draft_cfg.num_kv_heads * draft_cfg.head_dim * b
-        draft = count_parameters(draft_cfg) * b + draft_cfg.num_layers * grown_capacity(draft_window + 64, 0, 64) * draft_row
+        draft = count_parameters(draft_cfg) * b + StreamingCache.planned_bytes(draft_cfg, dtype, draft_window)
     chunk = min(PREFILL_CHUNK, max(prompt, 1))
     # layer-major prefill: the prompt's hidden states and rotary tables, one chunk's activations and
     # attention mask (SDPA on CUDA), logits of a verification block
@@ -172,8 +172,7 @@ def _layout(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, 
         # host and "device" are the same memory: nothing to gain, offload only when asked
         n_on = on_chip if on_chip is not None else (0 if offload == "on" else layers)
         n_off = layers - n_on
-        slabs = min(N_SLABS, n_off) * layer_kv
-        on_kv, pinned = n_on * layer_kv, n_off * layer_kv
+        on_kv, slabs, pinned = OffloadedCache.planned_bytes(cfg, dtype, context, n_on, tp)
         host = weights + retrieval + draft + activations + on_kv + pinned + slabs
         return Plan("cpu", context, n_on, n_off, weights, retrieval, draft, on_kv, slabs, activations, 0,
                     0, 0, pinned, host * tp, res.host_available)
@@ -183,14 +182,13 @@ def _layout(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, 
     elif on_chip is not None:
         n_on = on_chip
     elif offload == "on":
-        n_on = max(0, min(layers - 1, (res.gpu_free - fixed - N_SLABS * layer_kv) // max(layer_kv, 1)))
+        n_on = max(0, min(layers - 1, (res.gpu_free - fixed - SLABS * layer_kv) // max(layer_kv, 1)))
     elif fixed + layers * layer_kv <= res.gpu_free:
         n_on = layers  # everything fits: no offloading
     else:
-        n_on = max(0, min(layers - 1, (res.gpu_free - fixed - N_SLABS * layer_kv) // max(layer_kv, 1)))
+        n_on = max(0, min(layers - 1, (res.gpu_free - fixed - SLABS * layer_kv) // max(layer_kv, 1)))
     n_off = layers - n_on
-    slabs = min(N_SLABS, n_off) * layer_kv
-    on_kv, pinned = n_on * layer_kv, n_off * layer_kv
+    on_kv, slabs, pinned = OffloadedCache.planned_bytes(cfg, dtype, context, n_on, tp)
     gpu = fixed + on_kv + slabs
     return Plan(res.device, context, n_on, n_off, weights, retrieval, draft, on_kv, slabs, activations, CUDA_RESERVE,
                 gpu, res.gpu_free, pinned, pinned * tp, res.host_available)

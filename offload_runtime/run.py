@@ -11,7 +11,6 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 from .errors import UserError
@@ -135,8 +134,8 @@ def pick_device(name: str) -> Any:
     return torch.device(name)
 
 
-def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_prompt: int, tp: int = 1) -> tuple[Any, Any]:
-    """Plan memory before any weight or cache is allocated: (plan, cache factory or None for FullCache).
+def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_prompt: int, tp: int = 1) -> tuple[Any, bool]:
+    """Plan memory before any weight or cache is allocated: (plan, whether the L3 cache is host-resident).
     Refuses (UserError) what does not fit, so nothing is left half-allocated."""
     from . import loading
     from .config import ModelConfig
@@ -157,16 +156,7 @@ def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_promp
     plan = plan_memory(cfg, dtype, context, probe_resources(device), new_tokens=args.max_new_tokens + slots,
                        budget=args.budget, draft_cfg=draft_cfg, draft_window=args.window, tp=tp,
                        on_chip_layers=on_chip, offload=args.offload)
-    if not (plan.offload or args.offload == "on" or on_chip is not None):
-        return plan, None
-
-    def factory(model: Any) -> Any:
-        from .caches.offloaded import OffloadedCache
-
-        return lambda capacity: OffloadedCache(model.cfg, device, model.dtype, max(capacity, plan.context),
-                                               plan.on_chip_layers)
-
-    return plan, factory
+    return plan, bool(plan.offload or args.offload == "on" or on_chip is not None)
 
 
 CHAT_HEADROOM = 16384  # tokens planned for a chat's turns beyond the document (raise with --max-context)
@@ -174,18 +164,30 @@ CHAT_HEADROOM = 16384  # tokens planned for a chat's turns beyond the document (
 
 @dataclass
 class Job:
-    """What is known before any weight is loaded: the device, the request's tokens and the memory plan."""
+    """What is known before any weight is loaded: the device, the request's tokens and the memory plan;
+    then the L3 cache the plan asks for (build_cache; None: the growing on-device FullCache)."""
     device: Any
     prompt_ids: list[int] | None
     plan: Any
-    cache_factory: Any  # model -> (capacity -> cache), or None for the growing on-device FullCache
+    offload: bool  # the L3 cache is an OffloadedCache of plan.context tokens
+    cache: Any = None
+
+    def build_cache(self, model: Any) -> Any:
+        """The planned L3 cache for the loaded model (built once), or None for a growing FullCache."""
+        if self.offload and self.cache is None:
+            from .caches.offloaded import OffloadedCache
+            from .cuda_streams import link_bandwidth
+
+            self.cache = OffloadedCache(model.cfg, self.device, model.dtype, self.plan.context,
+                                        self.plan.on_chip_layers, link_gbps=link_bandwidth(self.device))
+        return self.cache
 
 
 def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, device: Any, tp: int = 1) -> Job:
     """Config, tokenizer and memory plan first: refuse before any weight or cache is allocated."""
     from . import loading
     from .config import ModelConfig
-    from .generate import check_request
+    from .request import check_request
 
     path = loading.resolve_checkpoint(args.model)
     hf = loading.load_hf_config(path)
@@ -194,15 +196,15 @@ def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, 
     prompt_ids = None
     if prompt is not None:
         prompt_ids = tokenizer(prompt)["input_ids"]
-        check_request(SimpleNamespace(cfg=cfg), len(prompt_ids), args.max_new_tokens)
+        check_request(len(prompt_ids), args.max_new_tokens, cfg.max_position_embeddings)
         planned = len(prompt_ids)
     else:  # a chat: the document plus room for the conversation, within the model's context
         n_doc = len(tokenizer(document)["input_ids"]) if document else 0
         limit = min(cfg.max_position_embeddings, args.max_context or cfg.max_position_embeddings)
         room = limit - args.max_new_tokens - args.gamma - 1
         planned = max(n_doc, min(room, n_doc + CHAT_HEADROOM))
-    plan, factory = plan_run(args, device, path, hf, planned, tp)
-    return Job(device, prompt_ids, plan, factory)
+    plan, offload = plan_run(args, device, path, hf, planned, tp)
+    return Job(device, prompt_ids, plan, offload)
 
 
 def load_models(args: argparse.Namespace, device: Any, transform: Any = None) -> tuple[Any, Any]:
@@ -220,42 +222,35 @@ def load_models(args: argparse.Namespace, device: Any, transform: Any = None) ->
 
 
 def engine_settings(args: argparse.Namespace) -> Any:
-    from .engine import EngineSettings
+    from .settings import EngineSettings
 
     return EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=args.gamma,
                           draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window,
                           refresh_every=args.refresh_every, refresh_below=args.refresh_below)
 
 
-def offload_kwargs(job: Job, target: Any) -> dict:
-    """The cache arguments of the engine for this plan (empty: the default on-device cache)."""
-    if job.cache_factory is None:
-        return {}
-    from .cuda_streams import link_bandwidth
+def make_session(args: argparse.Namespace, job: Job, target: Any, draft: Any, capacity: int = 0) -> Any:
+    """The Session the CLI decodes with (single-shot and chat alike), over the planned L3 cache."""
+    import torch
 
-    return dict(full_cache=job.cache_factory(target.model), link_gbps=link_bandwidth(job.device))
+    from .sampling import SamplingParams
+    from .session import Session
+
+    generator = torch.Generator(device=job.device).manual_seed(args.seed)
+    return Session(target.model, draft.model if draft else None, SamplingParams(args.temperature, args.top_p),
+                   target.eos_ids, engine_settings(args), generator, args.mode, cache=job.build_cache(target.model),
+                   capacity=capacity)
 
 
 def generate_once(args: argparse.Namespace, job: Job, target: Any, draft: Any, stream: bool = True) -> dict:
-    import torch
-
     from .console import TextStreamer
-    from .engine import generate_triforce
-    from .generate import generate_autoregressive
-    from .sampling import SamplingParams
 
-    params = SamplingParams(args.temperature, args.top_p)
     prompt_ids = job.prompt_ids
-    generator = torch.Generator(device=job.device).manual_seed(args.seed)
     stream = TextStreamer(target.tokenizer) if stream and not args.json else None
-    offload = offload_kwargs(job, target)
-    if args.mode == "autoregressive":
-        result = generate_autoregressive(target.model, prompt_ids, args.max_new_tokens, params,
-                                         target.eos_ids, generator, on_tokens=stream, **offload)
-    else:
-        result = generate_triforce(target.model, draft.model if draft else None, prompt_ids,
-                                   args.max_new_tokens, params, target.eos_ids, engine_settings(args), generator,
-                                   on_tokens=stream, **offload)
+    slots = args.gamma + 1 if args.mode == "triforce" else 0  # an L3 pass writes gamma + 1 rows past the answer
+    session = make_session(args, job, target, draft, capacity=len(prompt_ids) + args.max_new_tokens + slots)
+    session.extend(prompt_ids)
+    result = session.generate(args.max_new_tokens, stream)
     if stream:
         stream.finish()
     result.stats["memory_plan"] = job.plan.as_dict()
@@ -272,18 +267,12 @@ def first_chat_message(args: argparse.Namespace) -> str | None:
 
 def chat(args: argparse.Namespace, job: Job, document: str | None, first: str | None, target: Any,
          draft: Any) -> int:
-    import torch
-
     from .chat import ChatSession, run_chat
     from .console import PrefillProgress
-    from .engine import Session
-    from .sampling import SamplingParams
 
     # Ctrl-C must reach us as KeyboardInterrupt even when started with SIGINT ignored (e.g. a background job)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    generator = torch.Generator(device=job.device).manual_seed(args.seed)
-    session = Session(target.model, draft.model if draft else None, SamplingParams(args.temperature, args.top_p),
-                      target.eos_ids, engine_settings(args), generator, args.mode, **offload_kwargs(job, target))
+    session = make_session(args, job, target, draft)
     progress = PrefillProgress()
     try:
         conversation = ChatSession(session, target.tokenizer, document, args.max_new_tokens, progress)
@@ -375,9 +364,7 @@ def _run_rank(argv: Sequence[str] | None, rank0: bool) -> int:
         try:
             job = prepare(args, prompt_text(args), None, device, tp.current_world_size())
             target, draft = load_models(args, device, transform=tp.shard)
-            if job.cache_factory is not None:  # allocate each rank's host cache now: a failure is agreed on
-                cache = job.cache_factory(target.model)(job.plan.context)
-                job.cache_factory = lambda model, cache=cache: (lambda capacity: cache)
+            job.build_cache(target.model)  # allocate each rank's host cache now: a failure is agreed on
             error = None
         except UserError as exc:
             error = str(exc)

@@ -35,7 +35,7 @@ def test_cost_model_arithmetic():
     costs = cost_model.PhaseCosts(l1_step_s=0.001, l2_step_s=0.01, l3_pass_s=1.0)
     assert cost_model.seconds_per_token(costs, 5.0, 6, 12) == pytest.approx((1.0 + 0.06 + 0.012) / 5)
     m = cost_model.LLAMA2_7B_128K
-    assert m.kv_bytes_per_token * 131072 == 64 * 2 ** 30  # the 64 GiB of DESIGN.md
+    assert m.kv_bytes_per_token * 131072 == 64 * 2 ** 30  # the 64 GiB of docs/ARCHITECTURE.md
     one = cost_model.roofline_costs(m, 131072, 4096, n_cards=1)
     two = cost_model.roofline_costs(m, 131072, 4096, n_cards=2)
     assert one.l3_pass_s == pytest.approx(64 * 2 ** 30 / 25e9 + m.weight_bytes / (0.8 * 1008e9))

@@ -13,7 +13,6 @@ from offload_runtime.config import ModelConfig
 from offload_runtime.cuda_streams import CpuBackend, CudaBackend, LayerPipeline, link_bandwidth
 from offload_runtime.engine import EngineSettings, generate_triforce
 from offload_runtime.generate import generate_autoregressive
-from offload_runtime.kernels import attention_reference
 from offload_runtime.model import CausalLM
 from offload_runtime.sampling import SamplingParams
 from offload_runtime.synthetic import hf_config, randomize
@@ -72,16 +71,19 @@ def _model(layers: int = 3) -> CausalLM:
 
 
 @pytest.mark.parametrize("on_chip", [0, 1, 3])
-def test_cuda_offloaded_logits_equal_full_cache(on_chip):
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_cuda_offloaded_logits_equal_full_cache(on_chip, kernels, monkeypatch):
+    """The offloaded L3 attends through the kernel dispatch: the references, or Triton (auto on CUDA)."""
     model = _model()
     ids = torch.randint(0, 320, (300,), generator=torch.Generator().manual_seed(0)).cuda()
+    monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", "reference")
     full = FullCache(model.cfg, "cuda", torch.float32)
-    off = OffloadedCache(model.cfg, "cuda", torch.float32, 400, on_chip, attention_fn=attention_reference)
-    sdpa = OffloadedCache(model.cfg, "cuda", torch.float32, 400, on_chip)
-    for chunk in (ids[:250], ids[250:257], ids[257:258], ids[258:259]):
-        want = model(chunk, full)
-        assert (model(chunk, off) - want).abs().max() < 1e-4
-        assert (model(chunk, sdpa) - want).abs().max() < 1e-3
+    chunks = (ids[:250], ids[250:257], ids[257:258], ids[258:259])
+    want = [model(chunk, full) for chunk in chunks]
+    monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", kernels)
+    off = OffloadedCache(model.cfg, "cuda", torch.float32, 400, on_chip)
+    for chunk, ref in zip(chunks, want):
+        assert (model(chunk, off) - ref).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("mode", ["autoregressive", "triforce"])
@@ -90,14 +92,13 @@ def test_cuda_offloaded_tokens_equal(mode):
     ids = torch.randint(0, 320, (200,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams()
     settings = EngineSettings(budget=64, chunk_size=8, gamma=4, draft_gamma=2, sinks=4, window=64)
-    factory = lambda cap: OffloadedCache(model.cfg, "cuda", torch.float32, cap, 1)  # noqa: E731
+    cache = OffloadedCache(model.cfg, "cuda", torch.float32, 200 + 24 + 5, 1, link_gbps=link_bandwidth("cuda"))
     if mode == "autoregressive":
         want = generate_autoregressive(model, ids, 24, params, [])
-        got = generate_autoregressive(model, ids, 24, params, [], full_cache=factory, link_gbps=link_bandwidth("cuda"))
+        got = generate_autoregressive(model, ids, 24, params, [], cache=cache)
     else:
         want = generate_triforce(model, None, ids, 24, params, [], settings)
-        got = generate_triforce(model, None, ids, 24, params, [], settings, full_cache=factory,
-                                link_gbps=link_bandwidth("cuda"))
+        got = generate_triforce(model, None, ids, 24, params, [], settings, cache=cache)
     assert got.token_ids == want.token_ids
     assert got.stats["h2d_bytes"] > 0 and got.stats["link_gbps"] > 0.5
     print(mode, {k: got.stats[k] for k in ("h2d_bytes_per_token", "h2d_gbps", "copy_wait_fraction_of_l3", "link_fraction")})

@@ -166,16 +166,16 @@ def test_merge_matches_reference(tk, n_splits, out_dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq,hkv,window,per_head", [(8, 1, None, False), (8, 2, 30, False), (4, 4, None, True)])
-def test_streamed_attention_equals_whole_cache(tk, monkeypatch, dtype, hq, hkv, window, per_head):
+def test_streamed_attention_equals_whole_cache(tk, dtype, hq, hkv, window, per_head):
     """Slabs of any sizes (empty, 1 row, off the tile size), merged, equal attention over the whole cache."""
-    monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", "triton")
     q, k, v, q_pos, k_pos = _inputs(hq, hkv, 4, 150, 16, dtype, seed=hq + hkv, per_head_pos=per_head)
     bounds = [0, 0, 1, 38, 101, 150]
     slabs = [(k[:, a:b], v[:, a:b], k_pos[..., a:b]) for a, b in zip(bounds, bounds[1:])]
     want = ref.attention_reference(q, k, v, q_pos, k_pos, window)
-    _assert_written_close(kernels.streamed_attention(q, iter(slabs), q_pos, window), want, dtype)
+    triton_pair = (tk.attention_partial_triton, tk.merge_partials_triton)
+    _assert_written_close(ref.merge_streamed(q, iter(slabs), q_pos, window, *triton_pair), want, dtype)
     _assert_written_close(ref.streamed_attention_reference(q, slabs, q_pos, window), want, dtype)
-    assert torch.all(kernels.streamed_attention(q, [], q_pos, window) == 0)
+    assert torch.all(ref.merge_streamed(q, [], q_pos, window, *triton_pair) == 0)
 
 
 def _assert_selection_ok(got, scores, n_select):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from offload_runtime import loading
-from offload_runtime.caches import FullCache
+from offload_runtime.caches import FullKVCache
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.cuda_streams import CpuBackend
 from offload_runtime.engine import EngineSettings, generate_triforce
@@ -35,21 +35,23 @@ def run(mode, target, draft, prompt, monkeypatch, on_chip=None, layer_major=None
 
     def recording(tokens, cache, last_only=False):
         out = forward(target, tokens, cache, last_only)
-        if isinstance(cache, (FullCache, OffloadedCache)):
+        if isinstance(cache, FullKVCache):
             l3_logits.append(out.clone())
         return out
 
     monkeypatch.setattr(target, "forward", recording)
-    factory = None
+    cache = None
     if on_chip is not None:
-        factory = lambda cap: OffloadedCache(target.cfg, "cpu", torch.float32, cap, on_chip,  # noqa: E731
-                                             backend=CpuBackend("cpu"))
+        cache = OffloadedCache(target.cfg, "cpu", torch.float32, N_PROMPT + N_NEW + SETTINGS.gamma + 1, on_chip,
+                               backend=CpuBackend("cpu"))
+        if layer_major is not None:
+            cache.layer_major = layer_major  # the cache states how it is prefilled
     gen = torch.Generator().manual_seed(seed)
     if mode == "autoregressive":
-        res = generate_autoregressive(target, prompt, N_NEW, params, [], gen, full_cache=factory, layer_major=layer_major)
+        res = generate_autoregressive(target, prompt, N_NEW, params, [], gen, cache=cache)
     else:
         res = generate_triforce(target, draft if mode == "triforce-3" else None, prompt, N_NEW, params, [],
-                                SETTINGS, gen, full_cache=factory, layer_major=layer_major)
+                                SETTINGS, gen, cache=cache)
     monkeypatch.undo()
     return res.token_ids, l3_logits, res.stats
 
@@ -101,5 +103,5 @@ def test_offloaded_with_selection_refresh(models, prompt, monkeypatch):
     settings = dataclasses.replace(SETTINGS, refresh_every=2)
     want = generate_triforce(target, None, prompt, N_NEW, SamplingParams(), [], settings)
     got = generate_triforce(target, None, prompt, N_NEW, SamplingParams(), [], settings,
-                            full_cache=lambda cap: OffloadedCache(target.cfg, "cpu", torch.float32, cap, 1))
+                            cache=OffloadedCache(target.cfg, "cpu", torch.float32, N_PROMPT + N_NEW + 8, 1))
     assert got.token_ids == want.token_ids and got.stats["l3_passes"] >= 2

@@ -6,10 +6,12 @@ import torch
 
 from offload_runtime import loading
 from offload_runtime.caches import FullCache
-from offload_runtime.caches.offloaded import OffloadedCache, sdpa_attention
-from offload_runtime.caches.retrieval import RetrievalCache
+from offload_runtime.caches.offloaded import OffloadedCache
+from offload_runtime.context import ContextCaches
 from offload_runtime.kernels import attention_reference
-from offload_runtime.prefill import prefill, prefill_layer_major
+from offload_runtime.kernels.sdpa import attention_sdpa as sdpa_attention
+from offload_runtime.settings import EngineSettings
+from offload_runtime.stats import Stats
 
 TOL = 1e-4
 CASES = {
@@ -28,6 +30,15 @@ def _ids(tokenizer, long_text, n):
     ids = tokenizer(long_text)["input_ids"][:n]
     assert len(ids) == n
     return ids
+
+
+def _prefill_with_selection(model, ids, full):
+    """The engine's one prefill dispatch (layer-major when the cache asks for it), building L2."""
+    caches = ContextCaches(model, full, EngineSettings(budget=48, chunk_size=8), Stats())
+    caches.use_retrieval(True)
+    caches.tokens.extend(ids)
+    caches.catch_up()
+    return caches.retrieval
 
 
 def _assert_same_cache(a, b, length, layers):
@@ -51,7 +62,7 @@ def test_layer_major_equals_normal_prefill(case, on_chip, checkpoint, tokenizer,
     ref_logits = model(torch.tensor(ids), ref)[-1:]
     cache = (FullCache(cfg, "cpu", torch.float32) if on_chip is None
              else OffloadedCache(cfg, "cpu", torch.float32, capacity=200, on_chip_layers=on_chip))
-    logits = prefill_layer_major(model, torch.tensor(ids), cache, chunk_tokens=64)  # 64 + 64 + 22
+    logits = model.forward_layer_major(torch.tensor(ids), cache, chunk_tokens=64)  # 64 + 64 + 22
     assert (logits - ref_logits).abs().max() < TOL
     assert logits.argmax() == ref_logits.argmax()  # the first token
     _assert_same_cache(cache, ref, n, cfg.num_layers)
@@ -61,11 +72,10 @@ def test_layer_major_builds_the_same_retrieval_selection(checkpoint, tokenizer, 
     model = _model(checkpoint, "llama-gqa")
     cfg, n = model.cfg, 150
     ids = _ids(tokenizer, long_text, n)
-    ref, ref_r = FullCache(cfg, "cpu", torch.float32), RetrievalCache(cfg, "cpu", torch.float32, 48, 8)
-    prefill(model, ids, ref, ref_r, layer_major=False)
+    ref_r = _prefill_with_selection(model, ids, FullCache(cfg, "cpu", torch.float32))  # token-major
     cache = OffloadedCache(cfg, "cpu", torch.float32, capacity=160, on_chip_layers=1)
-    got_r = RetrievalCache(cfg, "cpu", torch.float32, 48, 8)
-    prefill(model, ids, cache, got_r)  # layer-major: the default for an offloaded cache
+    assert cache.layer_major  # an offloaded cache asks for the layer-major prefill
+    got_r = _prefill_with_selection(model, ids, cache)
     assert got_r.selected == ref_r.selected < n  # a real selection, not the whole prompt
     assert torch.equal(got_r.pos[:, :, : got_r.selected], ref_r.pos[:, :, : ref_r.selected])
     for layer in range(cfg.num_layers):
@@ -83,8 +93,8 @@ def test_layer_major_on_top_of_existing_rows(checkpoint, tokenizer, long_text):
     ref = FullCache(model.cfg, "cpu", torch.float32)
     ref_logits = model(torch.tensor(ids), ref)[-1:]
     cache = OffloadedCache(model.cfg, "cpu", torch.float32, capacity=128, on_chip_layers=1)
-    prefill_layer_major(model, torch.tensor(ids[:70]), cache, chunk_tokens=32)
-    logits = prefill_layer_major(model, torch.tensor(ids[70:]), cache, chunk_tokens=32)
+    model.forward_layer_major(torch.tensor(ids[:70]), cache, chunk_tokens=32)
+    logits = model.forward_layer_major(torch.tensor(ids[70:]), cache, chunk_tokens=32)
     assert (logits - ref_logits).abs().max() < TOL
     _assert_same_cache(cache, ref, 120, model.cfg.num_layers)
 
@@ -104,7 +114,7 @@ def test_progress_bar_on_stderr(checkpoint, tokenizer, long_text, capsys):
     model = _model(checkpoint, "llama-gqa")
     ids = _ids(tokenizer, long_text, 40)
     cache = OffloadedCache(model.cfg, "cpu", torch.float32, capacity=64, on_chip_layers=1)
-    prefill_layer_major(model, torch.tensor(ids), cache, chunk_tokens=16, progress=True)
+    model.forward_layer_major(torch.tensor(ids), cache, chunk_tokens=16, progress=True)
     captured = capsys.readouterr()
     assert captured.out == "" and "prefill" in captured.err and "/120" in captured.err  # 3 layers x 40 tokens
 
@@ -119,7 +129,7 @@ def test_rows_after_rollback_and_layer_major_rewrite(checkpoint, tokenizer, long
     model(torch.tensor(ids[:60]), cache)
     model(torch.tensor([5, 6, 7]), cache)  # a rejected speculation at rows 60..62
     cache.truncate(60)
-    prefill_layer_major(model, torch.tensor(ids[60:]), cache, chunk_tokens=16)
+    model.forward_layer_major(torch.tensor(ids[60:]), cache, chunk_tokens=16)
     _assert_same_cache(cache, ref, 100, model.cfg.num_layers)
     for layer in range(model.cfg.num_layers):  # exactly the rows the rejected forward had written
         assert (cache.rows(layer, 60, 63)[0] - ref.rows(layer, 60, 63)[0]).abs().max() < TOL

@@ -5,13 +5,18 @@ import torch
 
 from ..config import ModelConfig
 from ..kernels import attention
-from .base import KVCache, allocates, grown_capacity
+from .base import FullKVCache, allocates, grown_capacity, kv_row_bytes, regrown
 
 RECENT_QUERIES = 64  # query rows kept per layer, for (re-)building the retrieval selection
 
 
-class FullCache(KVCache):
-    """Rows [0, length) of K (rotated) and V per layer, in one growing buffer per layer."""
+class FullCache(FullKVCache):
+    """Rows [0, length) of K (rotated) and V per layer, in one growing buffer per layer, on the device."""
+
+    @staticmethod
+    def planned_bytes(cfg: ModelConfig, dtype: torch.dtype, tokens: int, layers: int | None = None, tp: int = 1) -> int:
+        """Memory of `layers` (default: all) layers' K/V for `tokens` rows (this rank's share under TP)."""
+        return (cfg.num_layers if layers is None else layers) * tokens * kv_row_bytes(cfg, dtype, tp)
 
     def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, capacity: int = 0) -> None:
         self.cfg = cfg
@@ -29,12 +34,8 @@ class FullCache(KVCache):
         if needed <= self.capacity and self.k:
             return
         cap = grown_capacity(needed, self.capacity)
-        shape = (self.cfg.num_kv_heads, cap, self.cfg.head_dim)
-        new_k = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
-        new_v = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
-        for old, new in zip(self.k + self.v, new_k + new_v):
-            new[:, : self.length].copy_(old[:, : self.length])
-        self.k, self.v, self.capacity = new_k, new_v, cap
+        self.k, self.v = regrown(self.k, self.v, self.cfg, cap, self.length, self.device, self.dtype)
+        self.capacity = cap
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = k.shape[1]
@@ -51,17 +52,14 @@ class FullCache(KVCache):
         )
 
     def open_layer(self, layer: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V buffers [Hkv, capacity, D] of `layer` for writing rows [length, length + n_new)
-        (the layer-major prefill's access; OffloadedCache has the same pair of calls)."""
         if layer == 0:
             self._reserve(self.length + n_new)
         return self.k[layer], self.v[layer]
 
     def close_layer(self, layer: int, start: int, stop: int) -> None:
-        """Rows [start, stop) of `layer` are final (nothing to write back: the buffer is the cache)."""
+        pass  # nothing to write back: the buffer is the cache
 
     def rows(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V rows [start, stop) of a layer (views)."""
         return self.k[layer][:, start:stop], self.v[layer][:, start:stop]
 
     def truncate(self, length: int) -> None:

@@ -10,36 +10,35 @@ for the planned capacity and never zeroed (rows at and past `length` are garbage
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from ..config import ModelConfig
-from ..cuda_streams import Backend, LayerPipeline, TransferStats, make_backend
+from ..cuda_streams import SLABS, Backend, LayerPipeline, TransferStats, make_backend
 from ..errors import UserError
-from ..kernels import attention as dispatched_attention
-from ..kernels.sdpa import attention_sdpa as sdpa_attention
-from .base import KVCache
+from ..kernels import attention
+from .base import FullKVCache, kv_row_bytes
 from .full import RECENT_QUERIES
 
-AttentionFn = Callable[..., torch.Tensor]  # the reference kernel's signature
 KEEP_NEW_ROWS = 64  # a forward of at most this many tokens keeps its K/V on the device for rows()
+__all__ = ["OffloadedCache", "kv_row_bytes", "KEEP_NEW_ROWS"]
 
 
-def attention_for(device: torch.device | str) -> AttentionFn:
-    """SDPA on CUDA (its memory-efficient kernel over a streamed layer); the kernels' dispatch on CPU."""
-    return sdpa_attention if torch.device(device).type == "cuda" else dispatched_attention
+class OffloadedCache(FullKVCache):
+    fixed_size = True  # allocated once for the planned capacity
+    layer_major = True  # a prefill brings each offloaded layer in once, not once per token chunk
 
+    @staticmethod
+    def planned_bytes(cfg: ModelConfig, dtype: torch.dtype, capacity: int, on_chip_layers: int,
+                      tp: int = 1) -> tuple[int, int, int]:
+        """(on-chip K/V, slabs, host K/V) bytes this cache allocates (this rank's share under TP)."""
+        layer = capacity * kv_row_bytes(cfg, dtype, tp)
+        n_off = cfg.num_layers - on_chip_layers
+        return on_chip_layers * layer, min(SLABS, n_off) * layer, n_off * layer
 
-def kv_row_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of one token's K and V in one layer."""
-    return 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
-
-
-class OffloadedCache(KVCache):
     def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, capacity: int,
-                 on_chip_layers: int, backend: Backend | None = None, n_slabs: int = 2,
-                 attention_fn: AttentionFn | None = None) -> None:
+                 on_chip_layers: int, backend: Backend | None = None, n_slabs: int = SLABS,
+                 link_gbps: float | None = None) -> None:
+        """link_gbps: the measured host-to-device link, for the reports' link fraction."""
         if not 0 <= on_chip_layers <= cfg.num_layers:
             raise UserError(f"--on-chip-layers {on_chip_layers} must be between 0 and the model's "
                             f"{cfg.num_layers} layers")
@@ -49,7 +48,7 @@ class OffloadedCache(KVCache):
         self.capacity, self.on_chip_layers = capacity, on_chip_layers
         self.length = 0
         self.backend = backend if backend is not None else make_backend(self.device)
-        self.attention = attention_fn or attention_for(self.device)
+        self.link_gbps = link_gbps
         row = (2, cfg.num_kv_heads, cfg.head_dim)
         n_off = cfg.num_layers - on_chip_layers
         self.on_chip: list[torch.Tensor] = []
@@ -69,8 +68,7 @@ class OffloadedCache(KVCache):
                             f"{str(exc).splitlines()[0]}") from None
         self.recent_queries: list[torch.Tensor | None] = [None] * cfg.num_layers
         self._new: list[tuple[int, torch.Tensor, torch.Tensor] | None] = [None] * cfg.num_layers
-        self.prefill_stats: TransferStats | None = None
-        self.prefill_start: TransferStats | None = None
+        self.prefill_start = self.prefill_end = self._prefill_from = TransferStats()  # counters around the last prefill
 
     @property
     def offloaded_layers(self) -> int:
@@ -80,15 +78,13 @@ class OffloadedCache(KVCache):
         """Host-to-device bytes of one pass over a cache of `length` rows: the offloaded layers' K/V."""
         return self.offloaded_layers * length * kv_row_bytes(self.cfg, self.dtype)
 
-    # -- layer access shared by attend() and the layer-major prefill --------------------------------
     def _check_capacity(self, end: int) -> None:
         if end > self.capacity:
             raise UserError(f"context of {end} tokens is longer than the {self.capacity} tokens the cache "
                             f"was planned for (--max-context)")
 
     def open_layer(self, layer: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Device views K, V [Hkv, capacity, D] of `layer` with rows [0, length) in place; the caller
-        writes rows [length, length + n_new), then calls close_layer. Layer 0 starts a pass."""
+        """Device views (an on-chip buffer, or the slab the layer was streamed into)."""
         if layer == 0:
             self._check_capacity(self.length + n_new)
             if self.pipeline is not None:
@@ -105,7 +101,6 @@ class OffloadedCache(KVCache):
         if layer >= self.on_chip_layers:
             self.pipeline.release(layer - self.on_chip_layers, start, stop)
 
-    # -- the KVCache interface ----------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = k.shape[1]
         start, end = self.length, self.length + n
@@ -115,7 +110,7 @@ class OffloadedCache(KVCache):
         self.recent_queries[layer] = q[:, -RECENT_QUERIES:].clone()
         self._new[layer] = (start, k, v) if n <= KEEP_NEW_ROWS else None
         k_pos = torch.arange(end, device=q.device)
-        out = self.attention(q, k_buf[:, :end], v_buf[:, :end], k_pos[start:], k_pos,
+        out = attention(q, k_buf[:, :end], v_buf[:, :end], k_pos[start:], k_pos,
                              self.cfg.sliding_windows[layer])
         self.close_layer(layer, start, end)
         return out
@@ -139,23 +134,18 @@ class OffloadedCache(KVCache):
         self.length = length
 
     # -- reports ------------------------------------------------------------------------------------
-    def transfer_stats(self) -> TransferStats:
-        return self.backend.collect()
+    def begin_prefill(self) -> None:
+        self._prefill_from = self.backend.collect()  # (an interrupted prefill leaves the last report as it was)
 
-    def mark_prefill_done(self, since: TransferStats | None = None) -> None:
-        """Remember the counters at the end of a prefill (and at its start, `since`: a chat's later
-        turns), so the prefill's bytes and the decode's are reported apart."""
-        self.prefill_start = since or TransferStats()
-        self.prefill_stats = self.transfer_stats()
+    def end_prefill(self) -> None:
+        self.prefill_start, self.prefill_end = self._prefill_from, self.backend.collect()
 
-    def report(self, new_tokens: int, l3_seconds: float | None, link_gbps: float | None = None) -> dict:
+    def report(self, new_tokens: int, l3_seconds: float | None) -> dict:
         """Offload stats for a result dict: prefill and decode bytes, bytes/token, GB/s, copy waits."""
-        total = self.transfer_stats()
-        end = self.prefill_stats or TransferStats()
-        pre = end.minus(self.prefill_start or TransferStats())
-        dec = total.minus(end)
-        gbps = dec.h2d_gbps
-        out = {
+        pre = self.prefill_end.minus(self.prefill_start)
+        dec = self.backend.collect().minus(self.prefill_end)
+        gbps, link = dec.h2d_gbps, self.link_gbps
+        return {
             "offload_backend": self.backend.name,
             "on_chip_layers": self.on_chip_layers,
             "offloaded_layers": self.offloaded_layers,
@@ -170,7 +160,6 @@ class OffloadedCache(KVCache):
             "h2d_gbps": gbps,
             "copy_wait_s": dec.wait_s,
             "copy_wait_fraction_of_l3": dec.wait_s / l3_seconds if l3_seconds else None,
-            "link_gbps": link_gbps,
-            "link_fraction": gbps / link_gbps if gbps and link_gbps else None,
+            "link_gbps": link,
+            "link_fraction": gbps / link if gbps and link else None,
         }
-        return out

@@ -14,16 +14,25 @@ import torch
 
 from ..config import ModelConfig
 from ..kernels import attention, select_chunks
-from .base import KVCache, allocates, grown_capacity
-from .full import FullCache
+from .base import FullKVCache, KVCache, allocates, grown_capacity, kv_row_bytes, regrown
 
 
 _MEAN_BLOCK = 1024  # chunks averaged at a time while building a selection
+RESERVE_ROWS = 64  # rows allocated past the selection at a build (generated tokens)
+BLOCK = 256  # a build allocates whole blocks of rows
 
 
 class RetrievalCache(KVCache):
+    @staticmethod
+    def planned_bytes(cfg: ModelConfig, dtype: torch.dtype, prompt: int, budget: int, new_tokens: int,
+                      tp: int = 1) -> int:
+        """K/V bytes a build over `prompt` tokens allocates, with room for `new_tokens` (at most: the
+        selection holds at most min(prompt, budget) rows), this rank's share under TP."""
+        rows = min(prompt, budget) + new_tokens + RESERVE_ROWS
+        return cfg.num_layers * (-(-rows // BLOCK) * BLOCK) * kv_row_bytes(cfg, dtype, tp)
+
     def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, budget: int, chunk_size: int,
-                 reserve_rows: int = 64) -> None:
+                 reserve_rows: int = RESERVE_ROWS) -> None:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.budget, self.chunk_size = budget, chunk_size
         self.reserve_rows = reserve_rows  # rows allocated past the selection at build (generated tokens)
@@ -42,16 +51,12 @@ class RetrievalCache(KVCache):
     def _reserve(self, rows: int, exact: bool = False) -> None:
         if rows <= self.capacity:
             return
-        cap = -(-rows // 256) * 256 if exact else grown_capacity(rows, self.capacity)
-        hkv, d = self.cfg.num_kv_heads, self.cfg.head_dim
+        cap = -(-rows // BLOCK) * BLOCK if exact else grown_capacity(rows, self.capacity)
         used = self._slot(self.length)
-        new_k = [torch.empty(hkv, cap, d, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
-        new_v = [torch.empty(hkv, cap, d, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
-        for old, new in zip(self.k + self.v, new_k + new_v):
-            new[:, :used].copy_(old[:, :used])
-        new_pos = torch.zeros(self.cfg.num_layers, hkv, cap, dtype=torch.long, device=self.device)
+        self.k, self.v = regrown(self.k, self.v, self.cfg, cap, used, self.device, self.dtype)
+        new_pos = torch.zeros(self.cfg.num_layers, self.cfg.num_kv_heads, cap, dtype=torch.long, device=self.device)
         new_pos[:, :, :used] = self.pos[:, :, :used]
-        self.k, self.v, self.pos, self.capacity = new_k, new_v, new_pos, cap
+        self.pos, self.capacity = new_pos, cap
 
     def selection_plan(self, context: int) -> tuple[int, int, int]:
         """(full chunks in the context, chunks to keep, tail rows kept whole)."""
@@ -62,7 +67,7 @@ class RetrievalCache(KVCache):
         keep = max(1, (self.budget - tail) // c)
         return n_full, min(keep, n_full), tail
 
-    def build(self, full: FullCache, prompt_len: int, queries: list[torch.Tensor]) -> None:
+    def build(self, full: FullKVCache, prompt_len: int, queries: list[torch.Tensor]) -> None:
         """Select from rows [0, prompt_len) of `full` with queries[layer] [Hq, D]; copy rows
         [prompt_len, full.length) (already generated tokens) after the selection."""
         self.begin_build(prompt_len, full.length - prompt_len)
@@ -102,7 +107,7 @@ class RetrievalCache(KVCache):
         self.v[layer][:, : self.selected] = torch.gather(v_all, 1, gather)
         self.pos[layer, :, : self.selected] = rows
 
-    def write_rows(self, full: FullCache, start: int, stop: int) -> None:
+    def write_rows(self, full: FullKVCache, start: int, stop: int) -> None:
         """Make rows [start, stop) equal to the full cache's (the L3 pass computed them); length = stop."""
         self.truncate(start)
         self._reserve(self._slot(stop))

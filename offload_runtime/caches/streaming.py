@@ -11,10 +11,18 @@ import torch
 from ..config import ModelConfig
 from ..kernels import attention
 from ..rope import RotaryEmbedding
-from .base import KVCache, allocates, grown_capacity
+from .base import KVCache, allocates, grown_capacity, kv_row_bytes, regrown
+
+SPARE_ROWS = 64  # rows past the window: a round's tokens before the eviction
+BLOCK = 64
 
 
 class StreamingCache(KVCache):
+    @staticmethod
+    def planned_bytes(cfg: ModelConfig, dtype: torch.dtype, window: int) -> int:
+        """K/V bytes the cache allocates for a window."""
+        return cfg.num_layers * grown_capacity(window + SPARE_ROWS, 0, BLOCK) * kv_row_bytes(cfg, dtype)
+
     def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype,
                  sinks: int, window: int, rope: RotaryEmbedding) -> None:
         if not 0 <= sinks < window:
@@ -26,19 +34,15 @@ class StreamingCache(KVCache):
         self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self._reserve(window + 64)
+        self._reserve(window + SPARE_ROWS)
 
     @allocates
     def _reserve(self, rows: int) -> None:
         if rows <= self.capacity:
             return
-        cap = grown_capacity(rows, self.capacity, block=64)
-        shape = (self.cfg.num_kv_heads, cap, self.cfg.head_dim)
-        new_k = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
-        new_v = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(self.cfg.num_layers)]
-        for old, new in zip(self.k + self.v, new_k + new_v):
-            new[:, : self.length].copy_(old[:, : self.length])
-        self.k, self.v, self.capacity = new_k, new_v, cap
+        cap = grown_capacity(rows, self.capacity, block=BLOCK)
+        self.k, self.v = regrown(self.k, self.v, self.cfg, cap, self.length, self.device, self.dtype)
+        self.capacity = cap
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = k.shape[1]
