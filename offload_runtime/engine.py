@@ -27,6 +27,7 @@ from .prefill import PREFILL_CHUNK, prefill_layer_major
 from .sampling import SamplingParams, probabilities, sample
 from .speculative import verify
 from .tp import agree_int, agree_ints
+from .vocabulary import PLACEHOLDER_ID, check_same_vocabulary  # noqa: F401  (check_same_vocabulary: re-exported)
 
 ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens total)
 REFRESH_WINDOW = 4  # L3 passes the acceptance-triggered re-retrieval averages over
@@ -61,19 +62,6 @@ class EngineSettings:
         if self.window - self.sinks <= 2 * (self.gamma + self.draft_gamma):
             raise UserError(f"--window {self.window} minus --sinks {self.sinks} must exceed "
                             f"2 x (gamma + draft-gamma) = {2 * (self.gamma + self.draft_gamma)}")
-
-
-def check_same_vocabulary(target: Any, draft: Any) -> None:
-    """Draft and target must share token ids: compare vocab sizes and a sample of token strings."""
-    tv, dv = target.model.cfg.vocab_size, draft.model.cfg.vocab_size
-    tt, dt = target.tokenizer, draft.tokenizer
-    if len(tt) != len(dt):
-        raise UserError(f"draft tokenizer has {len(dt)} tokens, target's has {len(tt)}: vocabularies differ")
-    n = min(len(tt), tv, dv)
-    step = max(1, n // 512)
-    sample_ids = list(range(0, n, step))
-    if tt.convert_ids_to_tokens(sample_ids) != dt.convert_ids_to_tokens(sample_ids):
-        raise UserError("draft and target tokenizers map the same ids to different tokens: vocabularies differ")
 
 
 class Stats:
@@ -126,6 +114,8 @@ class DraftLevel:
         self.consumed: list[int] = []
 
     def _forward(self, tokens: list[int]) -> torch.Tensor:
+        rows = self.model.cfg.vocab_size  # a target id past the draft's rows (target padding): a placeholder
+        tokens = [t if t < rows else PLACEHOLDER_ID for t in tokens]
         logits = self.model(torch.tensor(tokens, device=self.model.device), self.cache)
         self.stats.l1_forwards += 1
         return logits

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any, Sequence
 
 from .errors import UserError
+from .validation import check_flags, check_text, read_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,34 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_text(path: str, what: str) -> str:
-    f = Path(path)
-    if not f.is_file():
-        raise UserError(f"{what} {path} does not exist")
-    data = f.read_bytes()
-    if b"\x00" in data:
-        raise UserError(f"{what} {path} is binary, not text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not UTF-8 text")
-    if not text.strip():
-        raise UserError(f"{what} {path} is empty")
-    return text
-
-
 def prompt_text(args: argparse.Namespace) -> str:
     if args.prompt is not None and args.prompt_file is not None:
         raise UserError("give --prompt or --prompt-file, not both")
     prompt = read_text(args.prompt_file, "prompt file") if args.prompt_file else args.prompt
     if prompt is None:
         raise UserError("--prompt or --prompt-file is required with --model (or use --chat)")
+    check_text(prompt, "--prompt")
     if args.context_file:
         prompt = read_text(args.context_file, "context file") + "\n\n" + prompt
     return prompt
 
 
 def validate(args: argparse.Namespace) -> None:
+    check_flags(args)
     if args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     from .sampling import SamplingParams
@@ -186,10 +173,14 @@ def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, 
     from . import loading
     from .config import ModelConfig
     from .generate import check_request
+    from .validation import check_kernels, check_max_context
 
+    check_kernels(device)
     path = loading.resolve_checkpoint(args.model)
     hf = loading.load_hf_config(path)
     cfg = ModelConfig.from_hf(hf)
+    check_max_context(args.max_context, cfg.max_position_embeddings)
+    loading.weight_files(path)  # a checkpoint without weights says so before its tokenizer is read
     tokenizer = loading.load_tokenizer(path)
     prompt_ids = None
     if prompt is not None:
@@ -209,7 +200,7 @@ def load_models(args: argparse.Namespace, device: Any, transform: Any = None) ->
     """The target (with tokenizer; `transform`: e.g. tensor-parallel sharding) and the optional draft,
     checked for a shared vocabulary."""
     from . import loading
-    from .engine import check_same_vocabulary
+    from .vocabulary import check_same_vocabulary
 
     target = loading.load(args.model, device, args.dtype, transform=transform)
     draft = None
@@ -298,6 +289,8 @@ def chat(args: argparse.Namespace, job: Job, document: str | None, first: str | 
 def main(argv: Sequence[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun with several ranks
         return main_parallel(argv)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): run, and write the output nowhere
+        sys.stdout = open(os.devnull, "w")
     try:
         args = build_parser().parse_args(argv)
         validate(args)
@@ -324,6 +317,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left; stop quietly, as Unix tools do
+        return quiet_broken_pipe()
+
+
+def quiet_broken_pipe() -> int:
+    """After stdout's reader closed the pipe: point stdout at /dev/null so the flush at exit cannot
+    raise again, and return 141 (128 + SIGPIPE, what a shell shows for a tool killed by the signal)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's captured stream)
+        pass
+    return 141
 
 
 def print_result(out: dict, args: argparse.Namespace) -> None:
