@@ -277,7 +277,8 @@ def chat(args: argparse.Namespace, job: Job, document: str | None, first: str | 
                       target.eos_ids, engine_settings(args), generator, args.mode, **offload_kwargs(job, target))
     progress = PrefillProgress()
     try:
-        conversation = ChatSession(session, target.tokenizer, document, args.max_new_tokens, progress)
+        conversation = ChatSession(session, target.tokenizer, document, args.max_new_tokens, progress,
+                                   max_context=args.max_context)
     except KeyboardInterrupt:
         print("interrupted while reading the document", file=sys.stderr)
         return 130
