@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
 
-from .errors import UserError
+from .errors import UserError, error_line
 from .validation import check_flags, check_text, read_text
 
 
@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_result(generate_once(args, job, target, draft), args)
         return 0
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -398,7 +398,7 @@ def _run_rank(argv: Sequence[str] | None, rank0: bool) -> int:
         return 0
     except UserError as exc:
         if rank0:
-            print(f"error: {exc}", file=sys.stderr)
+            print(error_line(exc), file=sys.stderr)
         return 2
 
 
