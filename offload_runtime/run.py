@@ -191,6 +191,10 @@ def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, 
         n_doc = len(tokenizer(document)["input_ids"]) if document else 0
         limit = min(cfg.max_position_embeddings, args.max_context or cfg.max_position_embeddings)
         room = limit - args.max_new_tokens - args.gamma - 1
+        if room <= 0:
+            source = "--max-context" if limit == args.max_context else "the model's context"
+            raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a chat turn in {source} "
+                            f"of {limit} tokens")
         planned = max(n_doc, min(room, n_doc + CHAT_HEADROOM))
     plan, factory = plan_run(args, device, path, hf, planned, tp)
     return Job(device, prompt_ids, plan, factory)

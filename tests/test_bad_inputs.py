@@ -235,3 +235,10 @@ def test_cli_planner_refusal_names_activations(capsys, model, no_loading, monkey
     monkeypatch.setattr(planner, "probe_resources", lambda device: Resources("cpu", 1000))
     msg = refused(capsys, ["--model", model, "--prompt", PROMPT], "GiB of host memory for")
     assert "prefill activations" in msg and "draft" in msg
+
+
+def test_chat_answer_longer_than_the_context(capsys, model, no_loading):
+    refused(capsys, ["--model", model, "--chat", "--max-new-tokens", "5000"],
+            "--max-new-tokens 5000 leaves no room for a chat turn in the model's context of 4096 tokens")
+    refused(capsys, ["--model", model, "--chat", "--max-new-tokens", "500", "--max-context", "300"],
+            "in --max-context of 300 tokens")
