@@ -20,7 +20,7 @@ from .errors import UserError
 from .validation import check_text
 
 COMMANDS = {"/reset": "drop the conversation, keep the document", "/stats": "statistics of this session",
-            "/save FILE": "write the transcript as JSON (never over an existing file)",
+            "/save FILE": "write the transcript as JSON, never over an existing file",
             "/save! FILE": "the same, replacing FILE", "/exit": "leave"}
 
 

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", help="target checkpoint: a local directory or a Hugging Face hub id (omit for the synthetic demo)")
-    g.add_argument("--draft", help="small draft model sharing the target's vocabulary (omit: two-level hierarchy)")
+    g.add_argument("--draft", help="small draft model sharing the target's vocabulary, --mode triforce only (omit: two-level hierarchy)")
     g = p.add_argument_group("input")
     g.add_argument("--prompt", help="the prompt text")
     g.add_argument("--prompt-file", help="read the prompt from this file")
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (exact argmax)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
-    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling (0 to 2**64-1)")
     g = p.add_argument_group("engine")
     g.add_argument("--mode", choices=["triforce", "autoregressive"], default="triforce",
                    help="triforce: speculative engine; autoregressive: baseline over the same cache")
