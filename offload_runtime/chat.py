@@ -325,6 +325,9 @@ def save_json(data: dict, name: str, overwrite: bool = False) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain write would have given
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

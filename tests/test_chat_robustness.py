@@ -137,5 +137,5 @@ def test_chat_limit_is_enforced_and_named(checkpoint, monkeypatch, capsys, flags
     assert main(["--model", str(path), "--chat", "--json", "--mode", "autoregressive", "--max-new-tokens", "4"]
                 + flags) == 0
     captured = capsys.readouterr()
-    assert f"turn refused: this turn needs" in captured.err and source in captured.err
+    assert "turn refused: this turn needs" in captured.err and source in captured.err
     assert [t["user"] for t in answers(captured.out)] == ["What?"]

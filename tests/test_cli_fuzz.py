@@ -14,7 +14,6 @@ import os
 import random
 import sys
 
-import pytest
 
 from offload_runtime import demo, loading
 from offload_runtime.run import build_parser, main
