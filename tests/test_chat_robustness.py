@@ -80,6 +80,9 @@ def test_save_expands_home_refuses_overwrite_and_replaces_with_bang(target, tmp_
 def test_save_is_atomic(tmp_path, monkeypatch):
     dest = tmp_path / "t.json"
     save_json({"turns": [1]}, str(dest))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0600
 
     def crash(src, dst):
         raise OSError(28, "No space left on device")
