@@ -8,16 +8,20 @@ prefilled once. Ctrl-C during an answer stops that answer and keeps the session.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from .engine import Session
 from .errors import UserError
+from .validation import check_text
 
 COMMANDS = {"/reset": "drop the conversation, keep the document", "/stats": "statistics of this session",
-            "/save FILE": "write the transcript as JSON", "/exit": "leave"}
+            "/save FILE": "write the transcript as JSON, never over an existing file",
+            "/save! FILE": "the same, replacing FILE", "/exit": "leave"}
 
 
 class ChatFormat:
@@ -112,8 +116,11 @@ class ChatSession:
     """A conversation over one Session: a document prefix, then user turns and answers."""
 
     def __init__(self, session: Session, tokenizer: Any, document: str | None = None,
-                 max_new_tokens: int = 256, progress: Callable[[int, int], None] | None = None) -> None:
+                 max_new_tokens: int = 256, progress: Callable[[int, int], None] | None = None,
+                 max_context: int | None = None) -> None:
+        """max_context: --max-context, a limit below the model's (and the planned cache's) context."""
         self.session, self.tokenizer, self.document = session, tokenizer, document
+        self.max_context = max_context
         self.format = ChatFormat(tokenizer)
         self.max_new_tokens = max_new_tokens
         self.turns: list[Turn] = []
@@ -128,12 +135,32 @@ class ChatSession:
             self.session.extend(self.prefix_ids)
             self.document_prefills += 1
 
+    def _limit(self) -> tuple[int, str]:
+        """The tokens this chat may hold, and where that limit comes from (for the refusal)."""
+        model = self.session.target.cfg.max_position_embeddings
+        limit, source = model, f"the model's context is {model} (max_position_embeddings)"
+        if self.session.max_context < limit:
+            limit, source = self.session.max_context, f"the planned cache holds {self.session.max_context} " \
+                                                      "(raise with --max-context)"
+        if self.max_context is not None and self.max_context <= limit:
+            limit, source = self.max_context, f"--max-context is {self.max_context}"
+        return limit, source
+
     def _check_fits(self, n_new: int, what: str) -> None:
-        limit = self.session.max_context
+        limit, source = self._limit()
         need = len(self.session.context) + n_new + self.max_new_tokens
         if need > limit:
             raise UserError(f"{what} needs {need} tokens of context ({len(self.session.context)} held + {n_new} new "
-                            f"+ {self.max_new_tokens} to answer), the model supports {limit}: over by {need - limit}")
+                            f"+ {self.max_new_tokens} to answer), but {source}: over by {need - limit}")
+
+    def _encode_turn(self, content: str) -> tuple[str, list[int]]:
+        """The turn's text and token ids; any failure of the template or tokenizer refuses the turn."""
+        try:
+            text = self.format.turn_text(self.messages, self.known_text, content)
+            return text, self.format.encode(text, first=not self.session.context)
+        except Exception as exc:  # jinja's raise_exception, a tokenizer rejecting the text...
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"cannot tokenise this turn: {reason}") from None
 
     def ask(self, user: str, on_tokens: Callable[[list[int]], None] | None = None) -> Turn:
         """Prefill the turn's tokens and generate the answer.
@@ -143,8 +170,7 @@ class ChatSession:
         the turn's prefill cancels the turn and re-raises.
         """
         content = f"{self.document}\n\n{user}" if self._document_in_first_turn() else user
-        text = self.format.turn_text(self.messages, self.known_text, content)
-        ids = self.format.encode(text, first=not self.session.context)
+        text, ids = self._encode_turn(content)
         self._check_fits(len(ids), "this turn")
         turn = Turn(user=user, turn_token_ids=ids)
         start = len(self.session.context)
@@ -152,6 +178,9 @@ class ChatSession:
             self.session.extend(ids)
         except KeyboardInterrupt:
             self.session.truncate(start)
+            close = getattr(self.session.progress, "close", None)
+            if close:  # the progress bar of the cancelled prefill
+                close()
             raise
         if self._document_in_first_turn():
             self.document_prefills += 1
@@ -199,7 +228,8 @@ def _read_line(stdin: TextIO, interactive: bool) -> str | None:
     if interactive:
         try:
             return input("\nyou> ")
-        except EOFError:
+        except EOFError:  # Ctrl-D: end the prompt's line, so the shell's prompt starts on its own
+            print(flush=True)
             return None
     line = stdin.readline()
     return None if line == "" else line
@@ -211,6 +241,8 @@ def run_chat(chat: ChatSession, json_output: bool, first: str | None = None, std
     from .console import TextStreamer, answer_summary
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if hasattr(stdin, "reconfigure"):  # undecodable bytes arrive as lone surrogates: refused per line below
+        stdin.reconfigure(errors="surrogateescape")
     interactive = stdin.isatty()
     print(f"chat: turns use {chat.format.describe()}. Commands: "
           + ", ".join(f"{c} ({d})" for c, d in COMMANDS.items()), file=sys.stderr)
@@ -225,6 +257,11 @@ def run_chat(chat: ChatSession, json_output: bool, first: str | None = None, std
             return 0
         line = line.strip()
         if not line:
+            continue
+        try:
+            check_text(line, "this line")
+        except UserError as exc:
+            print(f"turn refused: {exc}", file=sys.stderr)
             continue
         if line.startswith("/"):
             if _command(chat, line, stdout) == "exit":
@@ -262,15 +299,37 @@ def _command(chat: ChatSession, line: str, stdout: TextIO) -> str | None:
         print("[conversation reset; the document is kept]", file=sys.stderr)
     elif name == "/stats":
         print(json.dumps(chat.stats()), file=stdout, flush=True)
-    elif name == "/save":
+    elif name in ("/save", "/save!"):
         if not arg.strip():
-            print("usage: /save FILE", file=sys.stderr)
+            print(f"usage: {name} FILE", file=sys.stderr)
             return None
         try:
-            Path(arg.strip()).write_text(json.dumps(chat.transcript(), indent=1))
+            save_json(chat.transcript(), arg.strip(), overwrite=name == "/save!")
             print(f"[saved {len(chat.turns)} turns to {arg.strip()}]", file=sys.stderr)
-        except OSError as exc:
+        except (OSError, UserError) as exc:
             print(f"cannot save: {exc}", file=sys.stderr)
     else:
         print(f"unknown command {name}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return None
+
+
+def save_json(data: dict, name: str, overwrite: bool = False) -> Path:
+    """Write `data` to `name` (`~` expanded) atomically: a temporary file beside it, then a rename,
+    so a crash never leaves half a transcript. An existing file is kept unless `overwrite`."""
+    path = Path(name).expanduser()
+    if path.exists() and not overwrite:
+        raise UserError(f"{name} exists (use /save! {name} to replace it)")
+    if path.is_dir():
+        raise UserError(f"{name} is a directory")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain write would have given
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

@@ -53,6 +53,7 @@ class ModelConfig:
             raise UserError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv}")
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         n_layers = hf.num_hidden_layers
+        _check_rope_type(hf)
         return cls(
             model_type=model_type,
             vocab_size=hf.vocab_size,
@@ -71,6 +72,16 @@ class ModelConfig:
             sliding_windows=_sliding_windows(hf, model_type, n_layers),
             hf_config=hf,
         )
+
+
+def _check_rope_type(hf: Any) -> None:
+    """A RoPE scaling we cannot compute is refused by name before any weight loads."""
+    from .rope import rope_parameters, supported_rope_types
+
+    rope_type = rope_parameters(hf)["rope_type"]
+    if rope_type not in supported_rope_types():
+        raise UserError(f"unsupported rope_type {rope_type!r} in config.json; supported: "
+                        f"{', '.join(supported_rope_types())}")
 
 
 def _sliding_windows(hf: Any, model_type: str, n_layers: int) -> tuple[int | None, ...]:

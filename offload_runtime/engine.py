@@ -9,9 +9,6 @@ Where things live (docs/ARCHITECTURE.md has the whole map):
 """
 from __future__ import annotations
 
-from typing import Any
-
-from .errors import UserError
 from .generate import generate_autoregressive, generate_triforce
 from .policy import FixedPolicy, RoundChoice, RoundOutcome, RoundPolicy
 from .request import GenerationResult
@@ -19,20 +16,10 @@ from .session import Session
 from .settings import EngineSettings
 from .stats import Stats
 from .triforce import REFRESH_WINDOW, DraftLevel
+from .vocabulary import check_same_vocabulary
 
 __all__ = ["EngineSettings", "Session", "generate_triforce", "generate_autoregressive", "GenerationResult",
            "check_same_vocabulary", "DraftLevel", "Stats", "REFRESH_WINDOW", "RoundPolicy", "RoundChoice",
            "RoundOutcome", "FixedPolicy"]
 
 
-def check_same_vocabulary(target: Any, draft: Any) -> None:
-    """Draft and target must share token ids: compare vocab sizes and a sample of token strings."""
-    tv, dv = target.model.cfg.vocab_size, draft.model.cfg.vocab_size
-    tt, dt = target.tokenizer, draft.tokenizer
-    if len(tt) != len(dt):
-        raise UserError(f"draft tokenizer has {len(dt)} tokens, target's has {len(tt)}: vocabularies differ")
-    n = min(len(tt), tv, dv)
-    step = max(1, n // 512)
-    sample_ids = list(range(0, n, step))
-    if tt.convert_ids_to_tokens(sample_ids) != dt.convert_ids_to_tokens(sample_ids):
-        raise UserError("draft and target tokenizers map the same ids to different tokens: vocabularies differ")

@@ -63,9 +63,12 @@ def load_hf_config(path: Path) -> Any:
         return AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
         raw = _read_json(path / "config.json")
-        mt = raw.get("model_type")
         from .config import SUPPORTED_MODEL_TYPES
 
+        if not isinstance(raw, dict) or "model_type" not in raw:
+            raise UserError(f"{path / 'config.json'} has no model_type (expected one of "
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+        mt = raw.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise UserError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         raise UserError(f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}")
@@ -108,7 +111,9 @@ def weight_files(path: Path) -> list[Path]:
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
-    raise UserError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+    found = f" (found {', '.join(other[:2])}: only safetensors weights are read)" if other else ""
+    raise UserError(f"the weights are missing: no model.safetensors or model.safetensors.index.json in {path}{found}")
 
 
 def read_state_dict(files: list[Path], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -152,9 +157,14 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.
     return model.eval().requires_grad_(False)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"no tokenizer in {path}: looked for {', '.join(TOKENIZER_FILES)}")
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:

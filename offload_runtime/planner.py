@@ -225,28 +225,33 @@ def plan_memory(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resourc
     hint = _max_context_hint(cfg, dtype, context, res, kw)
     avail = host_usable(plan.host_available)
     if plan.device == "cpu":
+        ranks = f" per rank, x {tp} ranks" if tp > 1 else ""
         raise UserError(f"needs {g(plan.host_needed)} GiB of host memory for {context} tokens (weights {g(plan.weights)}, "
-                        f"KV cache {g(plan.on_chip_kv + plan.pinned_host + plan.slabs)}, retrieval {g(plan.retrieval)}), "
+                        f"KV cache {g(plan.on_chip_kv + plan.pinned_host + plan.slabs)}, retrieval {g(plan.retrieval)}, "
+                        f"draft {g(plan.draft)}, prefill activations {g(plan.activations)}{ranks}), "
                         f"{g(avail)} GiB available{hint}")
     if plan.gpu_needed > plan.gpu_free:
         raise UserError(f"needs {g(plan.gpu_needed)} GiB of GPU memory for {context} tokens (weights {g(plan.weights)}, "
                         f"retrieval cache {g(plan.retrieval)}, draft {g(plan.draft)}, slabs {g(plan.slabs)}, "
-                        f"on-chip KV {g(plan.on_chip_kv)} for {plan.on_chip_layers} layers, activations "
+                        f"on-chip KV {g(plan.on_chip_kv)} for {plan.on_chip_layers} layers, prefill activations "
                         f"{g(plan.activations)}, reserve {g(plan.reserve)}), {g(plan.gpu_free)} GiB free{hint}")
     raise UserError(f"needs {g(plan.host_needed)} GiB of pinned host memory for {context} tokens "
                     f"({plan.offloaded_layers} offloaded layers), {g(avail)} GiB available{hint}")
 
 
 def _max_context_hint(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, kw: dict) -> str:
-    """'; try --max-context N' with the largest context (a multiple of 1024) that fits, if any."""
-    lo, hi = 0, context
-    while hi - lo > 1024:
+    """'; try --max-context N' with the largest context (a multiple of 1024, at most the model's) that fits, if any."""
+    hi = min(context, cfg.max_position_embeddings)
+    step = 1024 if hi > 8192 else 64
+    lo = hi if hi < context and _fits(_layout(cfg, dtype, hi, res, **kw)) else 0
+    while hi - lo > step:
         mid = (lo + hi) // 2
         if _fits(_layout(cfg, dtype, mid, res, **kw)):
             lo = mid
         else:
             hi = mid
-    lo = lo // 1024 * 1024
+    if lo != min(context, cfg.max_position_embeddings):
+        lo = lo // step * step
     if lo <= kw["new_tokens"] or not _fits(_layout(cfg, dtype, lo, res, **kw)):
         return "; the model does not fit even with a short context (try a smaller --budget, a smaller --dtype or more GPUs)"
     return f"; try --max-context {lo}"

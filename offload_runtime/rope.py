@@ -26,6 +26,11 @@ def rope_parameters(hf_config: Any) -> dict:
     return params
 
 
+def supported_rope_types() -> tuple[str, ...]:
+    """The rope_type values transformers (and so this runtime) can compute."""
+    return tuple(sorted({"default", *ROPE_INIT_FUNCTIONS}))
+
+
 def _init_fn(rope_type: str) -> Callable[..., tuple[torch.Tensor, float]]:
     if rope_type in ROPE_INIT_FUNCTIONS:
         return ROPE_INIT_FUNCTIONS[rope_type]

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import UserError
+from .errors import UserError, error_line
+from .validation import check_flags, check_text, read_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", help="target checkpoint: a local directory or a Hugging Face hub id (omit for the synthetic demo)")
-    g.add_argument("--draft", help="small draft model sharing the target's vocabulary (omit: two-level hierarchy)")
+    g.add_argument("--draft", help="small draft model sharing the target's vocabulary, --mode triforce only (omit: two-level hierarchy)")
     g = p.add_argument_group("input")
     g.add_argument("--prompt", help="the prompt text")
     g.add_argument("--prompt-file", help="read the prompt from this file")
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (exact argmax)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
-    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling (0 to 2**64-1)")
     g = p.add_argument_group("engine")
     g.add_argument("--mode", choices=["triforce", "autoregressive"], default="triforce",
                    help="triforce: speculative engine; autoregressive: baseline over the same cache")
@@ -70,34 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_text(path: str, what: str) -> str:
-    f = Path(path)
-    if not f.is_file():
-        raise UserError(f"{what} {path} does not exist")
-    data = f.read_bytes()
-    if b"\x00" in data:
-        raise UserError(f"{what} {path} is binary, not text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not UTF-8 text")
-    if not text.strip():
-        raise UserError(f"{what} {path} is empty")
-    return text
-
-
 def prompt_text(args: argparse.Namespace) -> str:
     if args.prompt is not None and args.prompt_file is not None:
         raise UserError("give --prompt or --prompt-file, not both")
     prompt = read_text(args.prompt_file, "prompt file") if args.prompt_file else args.prompt
     if prompt is None:
         raise UserError("--prompt or --prompt-file is required with --model (or use --chat)")
+    check_text(prompt, "--prompt")
     if args.context_file:
         prompt = read_text(args.context_file, "context file") + "\n\n" + prompt
     return prompt
 
 
 def validate(args: argparse.Namespace) -> None:
+    check_flags(args)
     if args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     from .sampling import SamplingParams
@@ -188,10 +175,14 @@ def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, 
     from . import loading
     from .config import ModelConfig
     from .request import check_request
+    from .validation import check_kernels, check_max_context
 
+    check_kernels(device)
     path = loading.resolve_checkpoint(args.model)
     hf = loading.load_hf_config(path)
     cfg = ModelConfig.from_hf(hf)
+    check_max_context(args.max_context, cfg.max_position_embeddings)
+    loading.weight_files(path)  # a checkpoint without weights says so before its tokenizer is read
     tokenizer = loading.load_tokenizer(path)
     prompt_ids = None
     if prompt is not None:
@@ -202,6 +193,10 @@ def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, 
         n_doc = len(tokenizer(document)["input_ids"]) if document else 0
         limit = min(cfg.max_position_embeddings, args.max_context or cfg.max_position_embeddings)
         room = limit - args.max_new_tokens - args.gamma - 1
+        if room <= 0:
+            source = "--max-context" if limit == args.max_context else "the model's context"
+            raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a chat turn in {source} "
+                            f"of {limit} tokens")
         planned = max(n_doc, min(room, n_doc + CHAT_HEADROOM))
     plan, offload = plan_run(args, device, path, hf, planned, tp)
     return Job(device, prompt_ids, plan, offload)
@@ -211,7 +206,7 @@ def load_models(args: argparse.Namespace, device: Any, transform: Any = None) ->
     """The target (with tokenizer; `transform`: e.g. tensor-parallel sharding) and the optional draft,
     checked for a shared vocabulary."""
     from . import loading
-    from .engine import check_same_vocabulary
+    from .vocabulary import check_same_vocabulary
 
     target = loading.load(args.model, device, args.dtype, transform=transform)
     draft = None
@@ -275,7 +270,8 @@ def chat(args: argparse.Namespace, job: Job, document: str | None, first: str | 
     session = make_session(args, job, target, draft)
     progress = PrefillProgress()
     try:
-        conversation = ChatSession(session, target.tokenizer, document, args.max_new_tokens, progress)
+        conversation = ChatSession(session, target.tokenizer, document, args.max_new_tokens, progress,
+                                   max_context=args.max_context)
     except KeyboardInterrupt:
         print("interrupted while reading the document", file=sys.stderr)
         return 130
@@ -287,6 +283,8 @@ def chat(args: argparse.Namespace, job: Job, document: str | None, first: str | 
 def main(argv: Sequence[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun with several ranks
         return main_parallel(argv)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): run, and write the output nowhere
+        sys.stdout = open(os.devnull, "w")
     try:
         args = build_parser().parse_args(argv)
         validate(args)
@@ -308,11 +306,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_result(generate_once(args, job, target, draft), args)
         return 0
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left; stop quietly, as Unix tools do
+        return quiet_broken_pipe()
+
+
+def quiet_broken_pipe() -> int:
+    """After stdout's reader closed the pipe: point stdout at /dev/null so the flush at exit cannot
+    raise again, and return 141 (128 + SIGPIPE, what a shell shows for a tool killed by the signal)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's captured stream)
+        pass
+    return 141
 
 
 def print_result(out: dict, args: argparse.Namespace) -> None:
@@ -377,7 +389,7 @@ def _run_rank(argv: Sequence[str] | None, rank0: bool) -> int:
         return 0
     except UserError as exc:
         if rank0:
-            print(f"error: {exc}", file=sys.stderr)
+            print(error_line(exc), file=sys.stderr)
         return 2
 
 

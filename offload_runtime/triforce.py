@@ -20,6 +20,7 @@ from .request import stop_index
 from .sampler import Sampler
 from .settings import EngineSettings
 from .stats import Stats, timed
+from .vocabulary import PLACEHOLDER_ID
 
 REFRESH_WINDOW = 4  # L3 passes the acceptance-triggered re-retrieval averages over
 
@@ -42,6 +43,8 @@ class DraftLevel:
         self.consumed: list[int] = []
 
     def _forward(self, tokens: list[int]) -> torch.Tensor:
+        rows = self.model.cfg.vocab_size  # a target id past the draft's rows (target padding): a placeholder
+        tokens = [t if t < rows else PLACEHOLDER_ID for t in tokens]
         logits = self.model(torch.tensor(tokens, device=self.model.device), self.cache)
         self.stats.l1_forwards += 1
         return logits

@@ -159,7 +159,8 @@ def test_cli_not_enough_host_memory(capsys, checkpoint, monkeypatch, no_loading)
 def test_cli_not_enough_pinned_host_memory(capsys, checkpoint, monkeypatch, no_loading):
     res = Resources("cuda", 300 * 2**20, gpu_total=8 * GiB, gpu_free=8 * GiB)
     monkeypatch.setattr(planner, "probe_resources", lambda device: res)
-    msg = cli_error(capsys, ["--model", str(checkpoint("llama")), "--prompt", PROMPT, "--on-chip-layers", "0",
+    path = checkpoint("llama", max_position_embeddings=2**20)  # --max-context may not exceed the model's
+    msg = cli_error(capsys, ["--model", str(path), "--prompt", PROMPT, "--on-chip-layers", "0",
                              "--max-context", "1000000"])
     assert "GiB of pinned host memory for 1000000 tokens (2 offloaded layers), 0.3 GiB available; try --max-context" in msg
 

@@ -1,0 +1,103 @@
+"""Checks of a request that need no weights: each problem becomes one UserError line (exit 2).
+
+run.py calls `check_flags` right after parsing (before transformers is even imported),
+`check_text` on every prompt and document, `check_kernels` once the device is known and
+`check_max_context` once the model's config is read: a bad request is refused before any
+model loads.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+NEEDS_MODEL = ("prompt", "prompt_file", "context_file", "draft", "chat")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag values and combinations that are wrong whatever the model."""
+    if not 0 <= args.seed <= SEED_MAX:
+        raise UserError(f"--seed must be between 0 and 2**64-1, got {args.seed}")
+    if not math.isfinite(args.temperature):
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.model is None:
+        given = [f"--{name.replace('_', '-')}" for name in NEEDS_MODEL if getattr(args, name) not in (None, False)]
+        if given:
+            raise UserError(f"{given[0]} needs --model PATH|HUB_ID (without --model the synthetic demo runs, "
+                            "which takes no input)")
+    if args.draft is not None and args.mode == "autoregressive":
+        raise UserError("--draft is used only by --mode triforce: drop it, or drop --mode autoregressive")
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt")
+    kernel_setting()
+
+
+def check_text(text: str, what: str) -> str:
+    """Text a tokenizer can take: valid Unicode (no undecodable bytes) and not blank."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in argv or stdin arrive as lone surrogates
+        raise UserError(f"{what} is not valid UTF-8 text") from None
+    if not text.strip():
+        raise UserError(f"{what} is empty")
+    return text
+
+
+def read_text(path: str, what: str) -> str:
+    """A prompt or document file: a readable, regular, non-empty UTF-8 text file."""
+    f = Path(path).expanduser()
+    if not f.exists():
+        raise UserError(f"{what} {path} does not exist")
+    if f.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a file")
+    if not f.is_file():
+        raise UserError(f"{what} {path} is not a regular file (a device, pipe or socket)")
+    try:
+        data = f.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if b"\x00" in data:
+        raise UserError(f"{what} {path} is binary, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise UserError(f"{what} {path} is empty")
+    return text
+
+
+def kernel_setting() -> str:
+    """OFFLOAD_RUNTIME_KERNELS, refused here (not at the first attention call) when unknown."""
+    from .kernels import MODES, kernel_mode
+
+    try:
+        return kernel_mode()
+    except ValueError:
+        value = os.environ.get("OFFLOAD_RUNTIME_KERNELS", "")
+        raise UserError(f"OFFLOAD_RUNTIME_KERNELS={value!r} is not one of {', '.join(MODES)}") from None
+
+
+def check_kernels(device: Any) -> None:
+    """OFFLOAD_RUNTIME_KERNELS=triton needs Triton installed and CUDA (or its interpreter, TRITON_INTERPRET=1)."""
+    if kernel_setting() != "triton":
+        return
+    from .kernels import triton_available
+
+    if not triton_available():
+        raise UserError("OFFLOAD_RUNTIME_KERNELS=triton, but the `triton` package is not installed "
+                        "(unset it, or set it to auto or reference)")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"OFFLOAD_RUNTIME_KERNELS=triton cannot run on {device.type}: it needs a CUDA device "
+                        "or TRITON_INTERPRET=1 (unset it, or set it to auto or reference)")
+
+
+def check_max_context(max_context: int | None, model_context: int) -> None:
+    if max_context is not None and max_context > model_context:
+        raise UserError(f"--max-context {max_context} is above the model's context of {model_context} tokens "
+                        "(max_position_embeddings)")

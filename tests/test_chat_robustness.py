@@ -1,0 +1,144 @@
+"""A chat survives bad input (issue 15): an undecodable line or a turn the template/tokenizer rejects is
+refused as a turn and the next turn answers; /save never loses or clobbers a transcript; Ctrl-D and
+Ctrl-C leave the terminal tidy; --max-context binds a chat as it binds a single run."""
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from offload_runtime import loading, synthetic
+from offload_runtime.chat import ChatSession, run_chat, save_json
+from offload_runtime.console import PrefillProgress
+from offload_runtime.engine import EngineSettings, Session
+from offload_runtime.errors import UserError
+from offload_runtime.run import main
+from offload_runtime.sampling import SamplingParams
+
+RAISING_TEMPLATE = (
+    "{% for m in messages %}{% if 'BOOM' in m['content'] %}{{ raise_exception('no booms here') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def target(checkpoint):
+    return loading.load(str(checkpoint("llama", eos_token_id=None)), torch.device("cpu"))
+
+
+def new_chat(target, tokenizer=None, progress=None, max_new_tokens=4):
+    session = Session(target.model, None, SamplingParams(0.0), [], EngineSettings(budget=64, gamma=3),
+                      mode="autoregressive")
+    return ChatSession(session, tokenizer or target.tokenizer, None, max_new_tokens, progress)
+
+
+def answers(stdout: str) -> list[dict]:
+    return [json.loads(x) for x in stdout.splitlines() if x.startswith("{")]
+
+
+def test_undecodable_line_is_refused_and_the_chat_goes_on(checkpoint, monkeypatch, capsys):
+    raw = b"What is it?\n\xff\xfe caf\xe9\nWho speaks?\n"  # the middle line is not UTF-8 (latin-1 bytes)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8"))  # strict, as Python's
+    code = main(["--model", str(checkpoint("llama", eos_token_id=None)), "--chat", "--json", "--mode",
+                 "autoregressive", "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err
+    assert [t["user"] for t in answers(captured.out)] == ["What is it?", "Who speaks?"]
+    assert captured.err.count("turn refused: this line is not valid UTF-8 text") == 1
+
+
+def test_turn_the_template_rejects_is_refused(target, capsys):
+    tok = synthetic.train_tokenizer()
+    tok.chat_template = RAISING_TEMPLATE
+    chat = new_chat(target, tok)
+    out = io.StringIO()
+    assert run_chat(chat, True, stdin=io.StringIO("BOOM now\nWhat is it?\n"), stdout=out) == 0
+    err = capsys.readouterr().err
+    assert "turn refused: cannot tokenise this turn: no booms here" in err
+    assert [t["user"] for t in answers(out.getvalue())] == ["What is it?"]
+    assert len(chat.turns) == 1 and chat.messages[-2]["content"] == "What is it?"  # the refused turn left no trace
+
+
+def test_save_expands_home_refuses_overwrite_and_replaces_with_bang(target, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    chat = new_chat(target)
+    script = "What?\n/save ~/t.json\nAgain?\n/save ~/t.json\n/save! ~/t.json\n"
+    assert run_chat(chat, True, stdin=io.StringIO(script), stdout=io.StringIO()) == 0
+    err = capsys.readouterr().err
+    assert "cannot save: ~/t.json exists (use /save! ~/t.json to replace it)" in err
+    assert "[saved 1 turns to ~/t.json]" in err and "[saved 2 turns to ~/t.json]" in err
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert [t["user"] for t in saved["turns"]] == ["What?", "Again?"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]  # no temporary file left behind
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    dest = tmp_path / "t.json"
+    save_json({"turns": [1]}, str(dest))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0600
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        save_json({"turns": [1, 2]}, str(dest), overwrite=True)
+    assert json.loads(dest.read_text()) == {"turns": [1]}  # the old transcript is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["t.json"]
+    with pytest.raises(UserError, match="is a directory"):
+        save_json({}, str(tmp_path), overwrite=True)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_ctrl_d_ends_the_prompt_line(target, monkeypatch, capsys):
+    def ctrl_d(prompt=""):
+        raise EOFError
+
+    monkeypatch.setattr(builtins, "input", ctrl_d)
+    assert run_chat(new_chat(target), False, stdin=_Terminal()) == 0
+    assert capsys.readouterr().out == "\n"
+
+
+def test_ctrl_c_during_prefill_closes_the_progress_bar(target, capsys):
+    progress = PrefillProgress(min_tokens=1)
+    chat = new_chat(target, progress=progress)
+    extend = chat.session.extend
+    bars = []
+
+    def interrupted_once(tokens):
+        chat.session.extend = extend
+        progress(1, 100)  # the bar is drawn...
+        bars.append(progress.bar)
+        raise KeyboardInterrupt  # ...and Ctrl-C comes
+
+    chat.session.extend = interrupted_once
+    assert run_chat(chat, True, stdin=io.StringIO("First?\n"), stdout=io.StringIO()) == 0
+    assert bars[0] is not None and bars[0].disable is True  # tqdm's close() marks the bar disabled
+    assert progress.bar is None
+    assert "[turn cancelled during prefill]" in capsys.readouterr().err
+    assert not chat.turns and not chat.session.context  # the cancelled turn left nothing behind
+    assert len(chat.ask("Second?").token_ids) == 4  # and the next turn answers
+
+
+@pytest.mark.parametrize("flags,source", [(["--max-context", "100"], "but --max-context is 100: over by"),
+                                          ([], "but the model's context is 1024 (max_position_embeddings): over by")])
+def test_chat_limit_is_enforced_and_named(checkpoint, monkeypatch, capsys, flags, source):
+    path = checkpoint("llama", max_position_embeddings=1024, eos_token_id=None)
+    long_turn = synthetic.synthetic_text(60 if flags else 400, seed=9)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long_turn}\nWhat?\n"))
+    assert main(["--model", str(path), "--chat", "--json", "--mode", "autoregressive", "--max-new-tokens", "4"]
+                + flags) == 0
+    captured = capsys.readouterr()
+    assert "turn refused: this turn needs" in captured.err and source in captured.err
+    assert [t["user"] for t in answers(captured.out)] == ["What?"]
