@@ -20,8 +20,11 @@ DECODE_MAX_QUERIES = 16  # T up to which the dispatch takes this path on CPU (ga
 
 def _hidden_span(kp: torch.Tensor, q_pos: torch.Tensor, window: int | None) -> tuple[int, int] | None:
     """[start, stop) of the keys that at least one query cannot see (None: every key is visible).
-    kp: [Hkv or 1, L]. One pass over the positions (8 bytes a key, against 2*D*4 of K and V)."""
+    kp: [Hkv or 1, L]. One pass over the positions (8 bytes a key, against 2*D*4 of K and V);
+    the common decode case (no window, every key at or before every query) costs two reductions."""
     q_lo, q_hi = int(q_pos.min()), int(q_pos.max())
+    if window is None and int(kp.max()) <= q_lo:
+        return None
     hidden = kp > q_lo
     if window is not None:
         hidden |= kp <= q_hi - window
