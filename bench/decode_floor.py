@@ -277,27 +277,33 @@ def markdown(rows: list[dict], bw: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    global clock
-    args = parse_args(argv)
-    clock = CLOCKS[args.clock]
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(not args.keep_denormals)
-    torch.manual_seed(0)
+def run(args: argparse.Namespace) -> dict:
     cases = [(int(c.split(":")[0]), c.split(":")[1]) for c in args.cases.split(",")]
     bw = read_bandwidth(args.bandwidth_gib, args.repeats)
     rows = [run_case(args, context, kind, bw["read_gbs"]) for context, kind in cases]
     machine = machine_info(torch.device("cpu"))
     machine["flush_denormal"] = not args.keep_denormals
-    result = {"machine": machine, "settings": vars(args), "bandwidth": bw, "rows": rows}
-    table = markdown(rows, bw)
+    return {"machine": machine, "settings": vars(args), "bandwidth": bw, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    global clock
+    args = parse_args(argv)
+    clock, threads = CLOCKS[args.clock], torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(not args.keep_denormals)
+    torch.manual_seed(0)
+    try:
+        result = run(args)
+    finally:  # (in-process callers, e.g. the tests, get torch's defaults back)
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"decode_floor_{args.tag}.json").write_text(json.dumps(result, indent=1, default=str))
-    print(table)
+    print(markdown(result["rows"], result["bandwidth"]))
     return 0 if all(r["tokens_equal_transformers_steps"] and r.get("tokens_equal_transformers_generate", True)
-                    for r in rows) else 1
-
+                    for r in result["rows"]) else 1
 
 if __name__ == "__main__":
     sys.exit(main())
