@@ -54,20 +54,32 @@ def test_queries_before_keys_and_after_them(gap):
 
 
 def test_every_key_visible_builds_no_mask(monkeypatch):
-    """The decode step's common case (one query, its own row last, no window) skips the mask entirely."""
-    def no_mask(*args):
-        raise AssertionError("a mask was built although every key is visible")
+    """The decode step's common case (queries past every key, no window) calls SDPA with no mask."""
+    def masked(*args):
+        raise AssertionError("the masked path was taken although every key is visible")
 
-    monkeypatch.setattr(decode, "_span_bias", no_mask)
+    monkeypatch.setattr(decode, "attention_sdpa", masked)
     _check(*_inputs(8, 2, 1, 300, seed=7))
     _check(*_inputs(4, 4, 2, 50, gap=1, seed=8))  # two queries, both past every key
+    _check(*_inputs(8, 2, 1, 30, seed=12), 30)  # a window that still covers every key
 
 
 def test_the_reference_comparison_catches_a_missing_mask(monkeypatch):
-    """Sabotage: treating every key as visible (no causal mask over a block's own rows) fails the check."""
-    monkeypatch.setattr(decode, "_hidden_span", lambda *args: None)
+    """Sabotage: treating every key as visible (no causal mask over a block's own rows, no window)
+    fails the check."""
+    monkeypatch.setattr(decode, "every_key_visible", lambda *args: True)
     with pytest.raises(AssertionError):
         _check(*_inputs(8, 2, 5, 40, seed=9))
+    with pytest.raises(AssertionError):
+        _check(*_inputs(8, 2, 1, 40, seed=9), 8)
+
+
+@pytest.mark.parametrize("window,want", [(None, True), (11, True), (10, False)])
+def test_every_key_visible(window, want):
+    k_pos, q_pos = torch.arange(10), torch.tensor([9, 10])
+    assert decode.every_key_visible(k_pos, q_pos, window) == want
+    assert not decode.every_key_visible(k_pos, torch.tensor([8, 9]), None)
+    assert not decode.every_key_visible(torch.tensor([[0, 1], [0, 5]]), torch.tensor([4]), None)  # per-head positions
 
 
 def test_dispatch_routes_few_queries_to_decode(monkeypatch):
