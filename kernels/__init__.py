@@ -5,9 +5,9 @@ Dispatch, decided at every call (so tests can switch it with environment variabl
 - OFFLOAD_RUNTIME_KERNELS=auto (default): Triton for CUDA tensors, and for CPU tensors when
   TRITON_INTERPRET=1 (Triton's interpreter: the tests); otherwise (CPU), when Triton is not
   installed, or for inputs the Triton kernels do not take (dtype other than fp16/bf16/fp32,
-  head_dim > 256): attention on `decode.py` for up to DECODE_MAX_QUERIES queries (decode and
-  verification blocks) and on torch SDPA (`sdpa.py`) for more (prefill blocks), the other
-  kernels on their references.
+  head_dim > 256): attention on torch SDPA (`sdpa.py`), through `decode.py` for up to
+  DECODE_MAX_QUERIES queries (decode steps, verification blocks: no mask when every key is
+  visible), the other kernels on their references.
 - OFFLOAD_RUNTIME_KERNELS=triton: Triton always; inputs it does not take raise ValueError
   naming them, and CPU tensors without TRITON_INTERPRET=1 raise RuntimeError.
 The Triton attention takes any number of queries: decode (gamma+1 queries, the G query heads
@@ -93,7 +93,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     if _use_triton(q, attention_reason(q, k, v, q_pos, k_pos)):
         return load_triton().attention_triton(q, k, v, q_pos, k_pos, sliding_window)
     if kernel_mode() == "auto" and not q.is_cuda:
-        if q.shape[1] <= decode.DECODE_MAX_QUERIES:  # few queries: bandwidth-bound batched matmuls (decode.py)
+        if q.shape[1] <= decode.DECODE_MAX_QUERIES:  # few queries: SDPA without a mask where none is needed
             return attention_decode(q, k, v, q_pos, k_pos, sliding_window)
         return attention_sdpa(q, k, v, q_pos, k_pos, sliding_window)  # CPU prefill blocks: torch's fused kernel
     return attention_reference(q, k, v, q_pos, k_pos, sliding_window)
