@@ -260,6 +260,21 @@ def run_case(args: argparse.Namespace, context: int, kind: str, read_gbs: float)
     return row
 
 
+TARGETS = {"gqa": (1.8, 0.7), "mha": (2.0, None)}  # issue 17: step / floor and step / transformers, at most
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """One line per case: the measured ratios against the targets of issue 17."""
+    out = []
+    for r in rows:
+        floor_max, hf_max = TARGETS[r["kind"]]
+        line = f"{r['context']} {r['kind'].upper()}: ours/floor {r['ours_over_floor']:.2f} (target <= {floor_max})"
+        if hf_max is not None:
+            line += f", ours/transformers {r['ours_over_transformers']:.2f} (target <= {hf_max})"
+        out.append(line)
+    return out
+
+
 def markdown(rows: list[dict], bw: dict) -> str:
     ms = lambda s: f"{s * 1e3:.1f}" if s is not None else "-"  # noqa: E731
     lines = [f"read bandwidth {bw['read_gbs']:.1f} GB/s (sum {bw['sum_gbs']:.1f}, mv {bw['mv_gbs']:.1f})", "",
@@ -274,7 +289,7 @@ def markdown(rows: list[dict], bw: dict) -> str:
                      f"| {ms(r['ours_step_s'])} | {ms(r['old_step_s'])} | {ms(r['hf_step_s'])} | {r['ours_over_floor']:.2f} "
                      f"| {r['ours_over_transformers']:.2f} | {r['matvec_gbs']:.1f}, {r['fused_matvec_gbs']:.1f} "
                      f"| {r['attention_gbs']:.1f} | {p['ours']:.0f} / {old} / {p['transformers']:.0f} | {same} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + verdicts(rows))
 
 
 def run(args: argparse.Namespace) -> dict:

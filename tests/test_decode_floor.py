@@ -19,4 +19,5 @@ def test_tiny_decode_floor_writes_json_and_matches_transformers(tmp_path, capsys
         assert row["floor_s"] > 0 and row["ours_step_s"] > 0 and row["hf_step_s"] > 0 and row["old_step_s"] > 0
         assert row["weight_bytes"] > row["cache_bytes_per_step"] > 0
         assert set(row["prefill_tok_s"]) == {"ours", "ours_old_path", "transformers"}
-    assert "| 40 GQA |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| 40 GQA |" in out and "40 GQA: ours/floor" in out and "(target <= 0.7)" in out
