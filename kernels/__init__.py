@@ -5,8 +5,9 @@ Dispatch, decided at every call (so tests can switch it with environment variabl
 - OFFLOAD_RUNTIME_KERNELS=auto (default): Triton for CUDA tensors, and for CPU tensors when
   TRITON_INTERPRET=1 (Triton's interpreter: the tests); otherwise (CPU), when Triton is not
   installed, or for inputs the Triton kernels do not take (dtype other than fp16/bf16/fp32,
-  head_dim > 256): attention on torch SDPA (`sdpa.py`, the CPU fast path), the other kernels
-  on their references.
+  head_dim > 256): attention on torch SDPA (`sdpa.py`), through `decode.py` for up to
+  DECODE_MAX_QUERIES queries (decode steps, verification blocks: no mask when every key is
+  visible), the other kernels on their references.
 - OFFLOAD_RUNTIME_KERNELS=triton: Triton always; inputs it does not take raise ValueError
   naming them, and CPU tensors without TRITON_INTERPRET=1 raise RuntimeError.
 Every attention of the engine (the full, offloaded, retrieval and streaming caches, the
@@ -28,6 +29,8 @@ import os
 from types import ModuleType
 import torch
 
+from . import decode
+from .decode import attention_decode
 from .sdpa import attention_sdpa
 from .reference import (
     Slab,
@@ -92,7 +95,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     if _use_triton(q, attention_reason(q, k, v, q_pos, k_pos)):
         return load_triton().attention_triton(q, k, v, q_pos, k_pos, sliding_window)
     if kernel_mode() == "auto" and not q.is_cuda:
-        return attention_sdpa(q, k, v, q_pos, k_pos, sliding_window)  # CPU fast path: torch's fused kernel
+        if q.shape[1] <= decode.DECODE_MAX_QUERIES:  # few queries: SDPA without a mask where none is needed
+            return attention_decode(q, k, v, q_pos, k_pos, sliding_window)
+        return attention_sdpa(q, k, v, q_pos, k_pos, sliding_window)  # CPU prefill blocks: torch's fused kernel
     return attention_reference(q, k, v, q_pos, k_pos, sliding_window)
 
 
@@ -110,7 +115,7 @@ def select_chunks(chunk_keys: torch.Tensor, query: torch.Tensor, n_select: int) 
 
 
 __all__ = [
-    "attention", "chunk_scores", "select_chunks",
+    "attention", "chunk_scores", "select_chunks", "attention_decode", "attention_sdpa",
     "attention_reference", "attention_partial_reference", "merge_partials_reference", "streamed_attention_reference",
     "chunk_scores_reference", "select_chunks_reference", "kernel_mode", "load_triton", "Slab",
 ]

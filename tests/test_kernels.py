@@ -13,6 +13,7 @@ import torch
 
 from offload_runtime import kernels
 from offload_runtime.kernels import reference as ref
+from offload_runtime.kernels.decode import attention_decode
 from offload_runtime.kernels.sdpa import attention_sdpa
 
 pytest.importorskip("triton")  # (not installed on macOS or Windows: the references are all there is)
@@ -279,9 +280,9 @@ def test_forced_triton_on_cpu_needs_interpreter(tk, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.attention(q, k, v, q_pos, k_pos)
-    monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", "auto")  # auto on CPU: torch SDPA (kernels/sdpa.py)
+    monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", "auto")  # auto on CPU, few queries: kernels/decode.py
     got = kernels.attention(q, k, v, q_pos, k_pos)
-    assert torch.equal(got, attention_sdpa(q, k, v, q_pos, k_pos))
+    assert torch.equal(got, attention_decode(q, k, v, q_pos, k_pos))
     assert torch.allclose(got, ref.attention_reference(q, k, v, q_pos, k_pos), atol=1e-5)
 
 
