@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from offload_runtime import kernels
 from offload_runtime.caches.full import FullCache
 from offload_runtime.kernels import decode
-from offload_runtime.prefill import prefill
+from offload_runtime.model import PREFILL_CHUNK
 
 from .models import SHAPES, Shape, build_pair
 from .offload_bench import machine_info
@@ -172,6 +172,14 @@ def hf_step(hf: Any, cache: Any, token: int) -> int:
 
 def our_step(model: Any, cache: FullCache, token: int) -> int:
     return int(model(torch.tensor([token]), cache)[-1].argmax())
+
+
+def prefill(model: Any, prompt: list[int], cache: FullCache) -> torch.Tensor:
+    """The engine's token-major prefill (context.py): chunks of PREFILL_CHUNK, last logits only."""
+    tokens = torch.tensor(prompt)
+    for start in range(0, len(prompt), PREFILL_CHUNK):
+        logits = model(tokens[start:start + PREFILL_CHUNK], cache, last_only=True)
+    return logits
 
 
 def prefills(hf: Any, ours: Any, prompt: list[int], steps: int, old_path: bool) -> dict:
