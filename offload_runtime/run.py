@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "memory; auto: as many as the memory plan fits")
     g.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
                    help="host-resident full cache: auto = when the plan needs it (never on CPU), on = always, off = never")
+    g.add_argument("--emulate-link", type=float, default=None, metavar="GBPS",
+                   help="CPU only: offload the whole full cache (unless --on-chip-layers) through an EMULATED "
+                   "PCIe link of this many GB/s (a copy-engine thread), to measure the consumer-GPU regime")
     g.add_argument("--max-context", type=int, default=None,
                    help="tokens the full cache is planned and allocated for (default: prompt + --max-new-tokens + gamma + 1)")
     g = p.add_argument_group("output")
@@ -135,6 +138,19 @@ def pick_device(name: str) -> Any:
     return torch.device(name)
 
 
+def check_emulated_link(args: argparse.Namespace, device: Any) -> None:
+    """--emulate-link: a positive GB/s, on the CPU, with the cache offloaded."""
+    gbps = getattr(args, "emulate_link", None)
+    if gbps is None:
+        return
+    if not gbps > 0:
+        raise UserError(f"--emulate-link must be a positive GB/s, got {gbps:g}")
+    if device.type != "cpu":
+        raise UserError("--emulate-link emulates a GPU's link on the CPU: use it with --device cpu")
+    if args.offload == "off":
+        raise UserError("--emulate-link streams the cache over the emulated link: it cannot be used with --offload off")
+
+
 def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_prompt: int, tp: int = 1) -> tuple[Any, Any]:
     """Plan memory before any weight or cache is allocated: (plan, cache factory or None for FullCache).
     Refuses (UserError) what does not fit, so nothing is left half-allocated."""
@@ -157,14 +173,18 @@ def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_promp
     plan = plan_memory(cfg, dtype, context, probe_resources(device), new_tokens=args.max_new_tokens + slots,
                        budget=args.budget, draft_cfg=draft_cfg, draft_window=args.window, tp=tp,
                        on_chip_layers=on_chip, offload=args.offload)
-    if not (plan.offload or args.offload == "on" or on_chip is not None):
+    check_emulated_link(args, device)
+    emulated = args.emulate_link is not None
+    if not (plan.offload or args.offload == "on" or on_chip is not None or emulated):
         return plan, None
+    layers = (on_chip or 0) if emulated else plan.on_chip_layers  # emulated: the whole cache over the link
 
     def factory(model: Any) -> Any:
         from .caches.offloaded import OffloadedCache
+        from .cuda_streams import make_backend
 
-        return lambda capacity: OffloadedCache(model.cfg, device, model.dtype, max(capacity, plan.context),
-                                               plan.on_chip_layers)
+        return lambda capacity: OffloadedCache(model.cfg, device, model.dtype, max(capacity, plan.context), layers,
+                                               backend=make_backend(device, link_gbps=args.emulate_link))
 
     return plan, factory
 

@@ -155,6 +155,7 @@ class OffloadedCache(KVCache):
         pre = end.minus(self.prefill_start or TransferStats())
         dec = total.minus(end)
         gbps = dec.h2d_gbps
+        link_gbps = getattr(self.backend, "link_gbps", None) or link_gbps  # an emulated link's own GB/s
         out = {
             "offload_backend": self.backend.name,
             "on_chip_layers": self.on_chip_layers,
