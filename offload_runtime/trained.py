@@ -7,7 +7,11 @@ and the tests continue.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+import torch
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TARGET = ASSETS / "stories260K"
@@ -18,3 +22,15 @@ STORY = ASSETS / "story_prompt.txt"
 def story_prompt() -> str:
     """The demo's story (written by stories260K itself from a short opening, see the assets README)."""
     return STORY.read_text(encoding="utf-8")
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run a 260K-parameter model on one CPU thread: its 64-wide matmuls are far too small to split,
+    and on a busy machine a second thread only waits for a core (10x slower measured)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

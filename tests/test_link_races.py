@@ -26,6 +26,12 @@ CAPACITY = 512
 PASSES = 30
 
 
+@pytest.fixture(scope="module", autouse=True)
+def tiny_model_on_one_thread():
+    with trained.one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def model():
     return loading.load(str(trained.TARGET), torch.device("cpu"), "float32", with_tokenizer=False).model
