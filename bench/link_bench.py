@@ -40,7 +40,7 @@ RTX4090_MEMORY_OVER_LINK = 1008 / 25  # ~40
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench --emulate-link", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--emulate-link", default="auto", metavar="GBPS|auto",
+    p.add_argument("--emulate-link", default="auto", nargs="?", const="auto", metavar="GBPS|auto",
                    help="the emulated link's GB/s; auto: this machine's memory-read GB/s / --link-ratio")
     p.add_argument("--link-ratio", type=float, default=40.0, help="memory bandwidth / link bandwidth (4090: ~40)")
     p.add_argument("--synthetic", default="mha-220m", choices=sorted(SHAPES), help="synthetic target shape")
@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--draft-gamma", type=int, default=4)
     p.add_argument("--chunk-size", type=int, default=8)
     p.add_argument("--budget-share", type=int, default=8, help="realistic budget = context / this")
-    p.add_argument("--ar-tokens", type=int, default=4, help="tokens of the autoregressive run")
-    p.add_argument("--passes", type=int, default=3, help="L3 passes of each budget >= context run")
+    p.add_argument("--ar-tokens", type=int, default=3, help="tokens of the autoregressive run")
+    p.add_argument("--passes", type=int, default=2, help="L3 passes of each budget >= context run")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="")
     return p.parse_args(argv)
@@ -95,12 +95,18 @@ def trained_acceptance(gamma: int, draft_gamma: int, chunk_size: int, share: int
 
 
 class Clock:
-    """Emission times; s/token over every emission after the first (the first is the prefill's token)."""
+    """Emission times; s/token over every emission after the first (the first token comes from the
+    catch-up forward of the newest prompt token, not from a round). The copy-engine counters are
+    snapshotted at the first emission, so the copies counted are those of the timed L3 passes."""
 
-    def __init__(self) -> None:
+    def __init__(self, counters: Any) -> None:
         self.events: list[tuple[float, int]] = []
+        self.counters = counters
+        self.start: Any = None
 
     def __call__(self, tokens: list[int]) -> None:
+        if not self.events:
+            self.start = self.counters()
         self.events.append((time.perf_counter(), len(tokens)))
 
     def s_per_token(self) -> float | None:
@@ -113,10 +119,9 @@ def run(session: Any, mode: str, draft: Any, prompt_len: int, new_tokens: int) -
     """One generation from the shared prefill: its stats, tokens, s/token and copy-engine counters."""
     session.truncate(prompt_len)
     session.use(mode, draft)
-    before = session.full.transfer_stats()
-    clock = Clock()
+    clock = Clock(session.full.transfer_stats)
     result = session.generate(new_tokens, clock)
-    link = session.full.transfer_stats().minus(before)
+    link = session.full.transfer_stats().minus(clock.start)
     return {"stats": dict(result.stats), "tokens": result.token_ids, "s_per_token": clock.s_per_token(),
             "copies": dataclasses.asdict(link)}
 
