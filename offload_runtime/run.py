@@ -158,6 +158,8 @@ def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_promp
     from .config import ModelConfig
     from .planner import plan_memory, probe_resources
 
+    check_emulated_link(args, device)
+    emulated = getattr(args, "emulate_link", None)
     cfg = ModelConfig.from_hf(hf)
     dtype = loading.pick_dtype(args.dtype, device, path, hf)
     draft_cfg = None
@@ -173,18 +175,16 @@ def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_promp
     plan = plan_memory(cfg, dtype, context, probe_resources(device), new_tokens=args.max_new_tokens + slots,
                        budget=args.budget, draft_cfg=draft_cfg, draft_window=args.window, tp=tp,
                        on_chip_layers=on_chip, offload=args.offload)
-    check_emulated_link(args, device)
-    emulated = args.emulate_link is not None
-    if not (plan.offload or args.offload == "on" or on_chip is not None or emulated):
+    if not (plan.offload or args.offload == "on" or on_chip is not None or emulated is not None):
         return plan, None
-    layers = (on_chip or 0) if emulated else plan.on_chip_layers  # emulated: the whole cache over the link
+    layers = (on_chip or 0) if emulated is not None else plan.on_chip_layers  # emulated: the whole cache over the link
 
     def factory(model: Any) -> Any:
         from .caches.offloaded import OffloadedCache
         from .cuda_streams import make_backend
 
         return lambda capacity: OffloadedCache(model.cfg, device, model.dtype, max(capacity, plan.context), layers,
-                                               backend=make_backend(device, link_gbps=args.emulate_link))
+                                               backend=make_backend(device, link_gbps=emulated))
 
     return plan, factory
 
