@@ -32,6 +32,7 @@ SHAPES = {
     "tiny": Shape(64, 2, 4, 2, 128, 512),
     "small": Shape(512, 8, 8, 2, 1408, 32000),
     "300m": Shape(1024, 16, 16, 4, 2816, 32000),
+    "mha-220m": Shape(1024, 12, 16, 16, 2816, 32000),  # MHA: K/V outweighs the weights from ~9K tokens
     # the shapes the projections are made for (GPU only: too large for CPU benchmarks)
     "7b": Shape(4096, 32, 32, 32, 11008, 32000),  # Llama-2-7B(-128K)
     "8b": Shape(4096, 32, 32, 8, 14336, 128256, rope_theta=500000.0),  # Llama-3.1-8B

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "memory; auto: as many as the memory plan fits")
     g.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
                    help="host-resident full cache: auto = when the plan needs it (never on CPU), on = always, off = never")
+    g.add_argument("--emulate-link", type=float, default=None, metavar="GBPS",
+                   help="CPU only: offload the whole full cache (unless --on-chip-layers) through an EMULATED "
+                   "PCIe link of this many GB/s (a copy-engine thread), to measure the consumer-GPU regime")
     g.add_argument("--max-context", type=int, default=None,
                    help="tokens the full cache is planned and allocated for (default: prompt + --max-new-tokens + gamma + 1)")
     g = p.add_argument_group("output")
@@ -121,6 +124,19 @@ def pick_device(name: str) -> Any:
     return torch.device(name)
 
 
+def check_emulated_link(args: argparse.Namespace, device: Any) -> None:
+    """--emulate-link: a positive GB/s, on the CPU, with the cache offloaded."""
+    gbps = getattr(args, "emulate_link", None)
+    if gbps is None:
+        return
+    if not gbps > 0:
+        raise UserError(f"--emulate-link must be a positive GB/s, got {gbps:g}")
+    if device.type != "cpu":
+        raise UserError("--emulate-link emulates a GPU's link on the CPU: use it with --device cpu")
+    if args.offload == "off":
+        raise UserError("--emulate-link streams the cache over the emulated link: it cannot be used with --offload off")
+
+
 def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_prompt: int, tp: int = 1) -> tuple[Any, bool]:
     """Plan memory before any weight or cache is allocated: (plan, whether the L3 cache is host-resident).
     Refuses (UserError) what does not fit, so nothing is left half-allocated."""
@@ -128,6 +144,8 @@ def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_promp
     from .config import ModelConfig
     from .planner import plan_memory, probe_resources
 
+    check_emulated_link(args, device)
+    emulated = getattr(args, "emulate_link", None)
     cfg = ModelConfig.from_hf(hf)
     dtype = loading.pick_dtype(args.dtype, device, path, hf)
     draft_cfg = None
@@ -143,7 +161,7 @@ def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_promp
     plan = plan_memory(cfg, dtype, context, probe_resources(device), new_tokens=args.max_new_tokens + slots,
                        budget=args.budget, draft_cfg=draft_cfg, draft_window=args.window, tp=tp,
                        on_chip_layers=on_chip, offload=args.offload)
-    return plan, bool(plan.offload or args.offload == "on" or on_chip is not None)
+    return plan, bool(plan.offload or args.offload == "on" or on_chip is not None or emulated is not None)
 
 
 CHAT_HEADROOM = 16384  # tokens planned for a chat's turns beyond the document (raise with --max-context)
@@ -157,16 +175,21 @@ class Job:
     prompt_ids: list[int] | None
     plan: Any
     offload: bool  # the L3 cache is an OffloadedCache of plan.context tokens
+    emulate_link: float | None = None  # GB/s of an EMULATED link (CPU): the whole cache crosses it by default
+    on_chip_layers: int | None = None  # --on-chip-layers when given
     cache: Any = None
 
     def build_cache(self, model: Any) -> Any:
         """The planned L3 cache for the loaded model (built once), or None for a growing FullCache."""
         if self.offload and self.cache is None:
             from .caches.offloaded import OffloadedCache
-            from .cuda_streams import link_bandwidth
+            from .cuda_streams import link_bandwidth, make_backend
 
-            self.cache = OffloadedCache(model.cfg, self.device, model.dtype, self.plan.context,
-                                        self.plan.on_chip_layers, link_gbps=link_bandwidth(self.device))
+            emulated = self.emulate_link
+            layers = (self.on_chip_layers or 0) if emulated is not None else self.plan.on_chip_layers
+            self.cache = OffloadedCache(model.cfg, self.device, model.dtype, self.plan.context, layers,
+                                        backend=make_backend(self.device, link_gbps=emulated),
+                                        link_gbps=emulated or link_bandwidth(self.device))
         return self.cache
 
 
@@ -199,7 +222,8 @@ def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, 
                             f"of {limit} tokens")
         planned = max(n_doc, min(room, n_doc + CHAT_HEADROOM))
     plan, offload = plan_run(args, device, path, hf, planned, tp)
-    return Job(device, prompt_ids, plan, offload)
+    on_chip = None if args.on_chip_layers == "auto" else int(args.on_chip_layers)
+    return Job(device, prompt_ids, plan, offload, getattr(args, "emulate_link", None), on_chip)
 
 
 def load_models(args: argparse.Namespace, device: Any, transform: Any = None) -> tuple[Any, Any]:

@@ -61,3 +61,23 @@ def test_benchmark_of_a_real_checkpoint(tmp_path, checkpoint, long_text, capsys)
                  "--out", str(tmp_path), "--tag", "nodraft"]) == 0  # no draft: no 3-level row
     result = json.loads((tmp_path / f"offload_bench_cpu_{path.name}_nodraft.json").read_text())
     assert "ours triforce 3-level" not in {r["system"] for r in result["rows"]}
+
+
+def test_emulated_link_benchmark_tiny(tmp_path, capsys):
+    """`python -m bench --emulate-link` on a tiny shape: every row, JSON, plot, labelled EMULATED."""
+    from bench.link_bench import main as link_main
+
+    assert link_main(["--emulate-link", "0.5", "--synthetic", "tiny", "--contexts", "128", "--passes", "1",
+                      "--ar-tokens", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "link_bench_tiny.json").read_text())
+    assert (tmp_path / "link_bench_tiny.png").stat().st_size > 1000
+    assert result["emulated_link_gbps"] == 0.5 and "EMULATED" in result["note"]
+    rows = {r["system"]: r for r in result["rows"]}
+    assert len(rows) == 5 and all(r["identical_tokens"] for r in rows.values())
+    full = rows["ours triforce 2-level, budget >= context"]
+    assert full["tokens_per_l3_pass"] == 7  # budget >= context: every token of gamma 6 accepted
+    assert full["l3"]["bytes_per_pass"] > 0 and full["l3"]["achieved_link_gbps"] <= 0.5 * 1.05
+    modelled = [r for r in rows.values() if r["kind"] == "cost model"]
+    assert len(modelled) == 2 and all(r["tokens_per_l3_pass"] > 2 for r in modelled)
+    out = capsys.readouterr().out
+    assert "EMULATED link" in out and "cost model" in out

@@ -144,7 +144,7 @@ class OffloadedCache(FullKVCache):
         """Offload stats for a result dict: prefill and decode bytes, bytes/token, GB/s, copy waits."""
         pre = self.prefill_end.minus(self.prefill_start)
         dec = self.backend.collect().minus(self.prefill_end)
-        gbps, link = dec.h2d_gbps, self.link_gbps
+        gbps, link = dec.h2d_gbps, self.link_gbps or getattr(self.backend, "link_gbps", None)  # (emulated: its own)
         return {
             "offload_backend": self.backend.name,
             "on_chip_layers": self.on_chip_layers,
