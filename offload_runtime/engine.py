@@ -163,7 +163,7 @@ class DraftLevel:
         while common < limit and self.consumed[common] == tail[common]:
             common += 1
         drop = len(self.consumed) - common
-        if self.cache.evicted and drop > self.cache.length - self.settings.sinks:
+        if drop and self.cache.evicted and drop > self.cache.length - self.settings.sinks:
             self.reset(context)  # the rows to roll back were evicted: start again from the context
             return self.propose(context, k)
         self.cache.truncate(self.cache.length - drop)
