@@ -24,15 +24,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
-    g.add_argument("--api-key", default=os.environ.get("OFFLOAD_RUNTIME_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $OFFLOAD_RUNTIME_API_KEY)")
-    g.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: --model)")
+    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (unset: "
+                   "$OFFLOAD_RUNTIME_API_KEY if set, else no key)")
+    g.add_argument("--model-name", help="the model id clients send and /v1/models lists (unset: --model)")
     g.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies are refused (413)")
     return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.api_key is None:  # read here, not as the flag's default: --help must not print a key
+        args.api_key = os.environ.get("OFFLOAD_RUNTIME_API_KEY")
     if args.model is None:
         raise UserError("--model is required: the checkpoint to serve")
     validate(args)

@@ -179,9 +179,16 @@ def test_concurrent_clients_in_arrival_order_and_disconnect(server, reference):
     after = health(server)
     assert after["cancelled"] == before["cancelled"] + 1 and after["failed"] == before["failed"]
     assert after["completed"] == before["completed"] + 20
-    # the disconnect freed the engine at once: the blocker had ~3000 tokens to go
-    blocked = [stats["queue_wait_s"] for _, stats in results][0]
-    assert blocked < waited + 3 and waited < 30
+    # the disconnect freed the engine at once: the blocker had ~3000 tokens to go (minutes here)
+    assert waited < 30
+    # a non-streamed request whose client gives up is cancelled too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "Tell", "max_tokens": 3000},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx.Timeout(10, read=1.0))
+    deadline = time.time() + 10
+    while health(server)["cancelled"] == after["cancelled"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert health(server)["cancelled"] == after["cancelled"] + 1
 
 
 def test_stop_strings_cut_the_answer_and_keep_the_session(server, reference):
@@ -189,7 +196,7 @@ def test_stop_strings_cut_the_answer_and_keep_the_session(server, reference):
     messages = [SYSTEM, {"role": "user", "content": "Stop somewhere."}]
     full = api.chat.completions.create(messages=messages, max_tokens=12, model=MODEL)
     text = full.choices[0].message.content
-    stop = text[5:7]
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 1) if "\ufffd" not in text[i:i + 2])
     cut = text[: text.index(stop)]
     short = api.chat.completions.create(messages=messages, max_tokens=12, stop=[stop], model=MODEL)
     assert short.choices[0].message.content == cut and short.choices[0].finish_reason == "stop"
