@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import UserError
 from .sampling import SamplingParams
 
 
@@ -158,6 +159,8 @@ class EngineWorker:
                 done = Completion("", [], "cancelled", len(request.prompt_ids), {})
             else:
                 done = self._generate(request)
+        except UserError:  # refused before the engine changed anything (e.g. the context check)
+            raise
         except Exception:
             self.counts["failed"] += 1
             self.session.truncate(0)  # after an unexpected failure trust no cache row: start empty

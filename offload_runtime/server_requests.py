@@ -90,8 +90,11 @@ def parse_options(body: dict, defaults: Any) -> Options:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise invalid("stream_options", "must be an object")
-    return Options(max_tokens, SamplingParams(temperature, top_p), _integer(body, "seed", False), _stop(body),
-                   stream, bool(options.get("include_usage")))
+    seed = _integer(body, "seed", False)
+    if seed is not None and not -(1 << 63) <= seed < 1 << 64:
+        raise invalid("seed", f"must fit in 64 bits, got {seed}")
+    return Options(max_tokens, SamplingParams(temperature, top_p), seed, _stop(body), stream,
+                   bool(options.get("include_usage")))
 
 
 def _content(message: Any, i: int) -> str:

@@ -226,6 +226,8 @@ BAD = [  # (method, path, headers, body, status, code, param)
      "invalid_value", "stop"),
     ("POST", "/v1/chat/completions", {}, {"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400,
      "invalid_value", "stream"),
+    ("POST", "/v1/chat/completions", {}, {"messages": [{"role": "user", "content": "x"}], "seed": 1 << 70}, 400,
+     "invalid_value", "seed"),
     ("POST", "/v1/completions", {}, {"prompt": ["a", "b"]}, 400, "invalid_value", "prompt"),
     ("POST", "/v1/completions", {}, {"prompt": ""}, 400, "invalid_value", "prompt"),
     ("POST", "/v1/completions", {}, {"prompt": "x", "max_tokens": 5000}, 400, "context_length_exceeded", "prompt"),
