@@ -273,3 +273,44 @@ def test_cli_refuses_bad_flags(capsys):
     assert serve.main(["--model", "x", "--port", "70000"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("error: --model is required") and "--port" in err[1]
+
+
+class _CharTokenizer:
+    """A tokenizer whose ids are characters of a fixed alphabet (decode only)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz \ufffd"
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.alphabet[i] for i in ids)
+
+
+def test_answer_text_holds_back_a_possible_stop_string():
+    from offload_runtime.server_engine import AnswerText
+
+    tok = _CharTokenizer()
+    ids = {c: i for i, c in enumerate(tok.alphabet)}
+    answer = AnswerText(tok, ["xyz", "q"])
+    sent = [answer.add([ids[c] for c in part]) for part in ["ab", "x", "y", "w", "\ufffd", "x", "yz"]]
+    # "x" and "xy" may start a stop string, a trailing replacement character may be half a character
+    assert sent == ["ab", "", "", "xyw", "", "\ufffd", ""]
+    assert answer.stopped and answer.text == "abxyw\ufffd"  # cut before "xyz"
+    plain = AnswerText(tok, [])
+    assert [plain.add([ids[c]]) for c in "a\ufffd"] == ["a", ""] and plain.flush() == "\ufffd"
+
+
+def test_session_shrinks_below_the_draft_sinks_after_evicting(checkpoint, models):
+    """Prefix reuse can cut a long context back to a few tokens: the draft level (which evicted rows
+    of the long context) must start again, not recurse."""
+    from offload_runtime.engine import EngineSettings, Session
+
+    target = loading.load(str(models[0]), torch.device("cpu"), with_tokenizer=False).model
+    draft = loading.load(str(models[1]), torch.device("cpu"), with_tokenizer=False).model
+    settings = EngineSettings(budget=64, chunk_size=8, gamma=3, draft_gamma=4, sinks=16, window=48)
+    session = Session(target, draft, SamplingParams(0.0), [], settings)
+    session.extend(list(range(3, 203)))
+    session.generate(8)
+    assert session.l1.cache.evicted > 0
+    session.truncate(5)
+    session.extend([7, 8, 9])
+    short = session.context[:]
+    got = session.generate(8).token_ids
+    assert got == generate_autoregressive(target, short, 8, SamplingParams(0.0), []).token_ids
