@@ -45,7 +45,7 @@ def server(models):
     """A server on an ephemeral loopback port (uvicorn in a thread of this process): its base URL."""
     target, draft = models
     args = serve.parse_args(["--model", str(target), "--draft", str(draft), *ENGINE, "--max-new-tokens", "8",
-                             "--api-key", KEY, "--model-name", MODEL, "--max-body-mb", str(MAX_BODY / (1 << 20)), "--port", "0"])
+                             "--api-key", KEY, "--model-name", MODEL, "--max-body-mb", str(MAX_BODY / (1 << 20))])
     app, worker = serve.build(args)
     web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=web.run, daemon=True)
@@ -297,7 +297,7 @@ def test_answer_text_holds_back_a_possible_stop_string():
     assert [plain.add([ids[c]]) for c in "a\ufffd"] == ["a", ""] and plain.flush() == "\ufffd"
 
 
-def test_session_shrinks_below_the_draft_sinks_after_evicting(checkpoint, models):
+def test_session_shrinks_below_the_draft_sinks_after_evicting(models):
     """Prefix reuse can cut a long context back to a few tokens: the draft level (which evicted rows
     of the long context) must start again, not recurse."""
     from offload_runtime.engine import EngineSettings, Session
