@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install test run bench clean
+.PHONY: install test run serve bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 ifneq ($(HAS_GPU),yes)
 	$(PY) -m pip install -q "$(CPU_TORCH)"
 endif
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,serve]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,6 +24,9 @@ test: install
 
 run: install
 	$(PY) -m offload_runtime.run $(ARGS)
+
+serve: install
+	$(PY) -m offload_runtime.serve $(ARGS)
 
 bench: install
 	$(PY) -m bench $(ARGS)

@@ -22,20 +22,23 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m offload_runtime.run", description: str | None = None,
+                 io_flags: bool = True) -> argparse.ArgumentParser:
+    """The flags of `run`; io_flags=False leaves out the input and output groups (the server reuses the rest)."""
     p = _Parser(
-        prog="python -m offload_runtime.run",
-        description="Lossless long-context generation with a host-resident KV cache and TriForce "
+        prog=prog,
+        description=description or "Lossless long-context generation with a host-resident KV cache and TriForce "
         "hierarchical speculative decoding. Without --model: a demo on a small synthetic model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", help="target checkpoint: a local directory or a Hugging Face hub id (omit for the synthetic demo)")
     g.add_argument("--draft", help="small draft model sharing the target's vocabulary, --mode triforce only (omit: two-level hierarchy)")
-    g = p.add_argument_group("input")
-    g.add_argument("--prompt", help="the prompt text")
-    g.add_argument("--prompt-file", help="read the prompt from this file")
-    g.add_argument("--context-file", help="a long document placed before the prompt")
+    if io_flags:
+        g = p.add_argument_group("input")
+        g.add_argument("--prompt", help="the prompt text")
+        g.add_argument("--prompt-file", help="read the prompt from this file")
+        g.add_argument("--context-file", help="a long document placed before the prompt")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (exact argmax)")
@@ -68,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "PCIe link of this many GB/s (a copy-engine thread), to measure the consumer-GPU regime")
     g.add_argument("--max-context", type=int, default=None,
                    help="tokens the full cache is planned and allocated for (default: prompt + --max-new-tokens + gamma + 1)")
-    g = p.add_argument_group("output")
-    g.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
-    g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, prompt_tokens, stats")
+    if io_flags:
+        g = p.add_argument_group("output")
+        g.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
+        g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, prompt_tokens, stats")
     return p
 
 

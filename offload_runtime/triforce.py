@@ -82,7 +82,7 @@ class DraftLevel:
         while common < limit and self.consumed[common] == tail[common]:
             common += 1
         drop = len(self.consumed) - common
-        if self.cache.evicted and drop > self.cache.length - self.settings.sinks:
+        if drop and self.cache.evicted and drop > self.cache.length - self.settings.sinks:
             return None  # the rows to roll back were evicted: start again from the context
         self.cache.truncate(self.cache.length - drop)
         self.consumed = self.consumed[:common]

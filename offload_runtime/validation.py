@@ -26,13 +26,14 @@ def check_flags(args: argparse.Namespace) -> None:
     if not math.isfinite(args.temperature):
         raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.model is None:
-        given = [f"--{name.replace('_', '-')}" for name in NEEDS_MODEL if getattr(args, name) not in (None, False)]
+        given = [f"--{name.replace('_', '-')}" for name in NEEDS_MODEL
+                 if getattr(args, name, None) not in (None, False)]  # (the server has no input flags)
         if given:
             raise UserError(f"{given[0]} needs --model PATH|HUB_ID (without --model the synthetic demo runs, "
                             "which takes no input)")
     if args.draft is not None and args.mode == "autoregressive":
         raise UserError("--draft is used only by --mode triforce: drop it, or drop --mode autoregressive")
-    if args.prompt is not None:
+    if getattr(args, "prompt", None) is not None:
         check_text(args.prompt, "--prompt")
     kernel_setting()
 

@@ -1,0 +1,90 @@
+"""`python -m offload_runtime.serve`: an OpenAI-compatible HTTP server over one engine Session.
+
+Takes the model, generation, engine and memory flags of `run` (the generation flags are the
+defaults of requests that do not set them) plus --host, --port and --api-key. One engine, batch 1:
+requests queue and run one at a time; each reuses the caches of the longest token prefix it shares
+with the previous conversation (see server_engine). A user error prints one `error:` line, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from .errors import UserError
+from .run import build_parser as run_parser
+from .run import load_models, pick_device, prepare, validate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = run_parser(prog="python -m offload_runtime.serve", io_flags=False,
+                   description="An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) "
+                   "over the TriForce engine; follow-up requests prefill only what they add to the conversation.")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (unset: "
+                   "$OFFLOAD_RUNTIME_API_KEY if set, else no key)")
+    g.add_argument("--model-name", help="the model id clients send and /v1/models lists (unset: --model)")
+    g.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies are refused (413)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.api_key is None:  # read here, not as the flag's default: --help must not print a key
+        args.api_key = os.environ.get("OFFLOAD_RUNTIME_API_KEY")
+    if args.model is None:
+        raise UserError("--model is required: the checkpoint to serve")
+    validate(args)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    if not args.max_body_mb > 0:
+        raise UserError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserError("--api-key is empty")
+    return args
+
+
+def build(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Plan, load and wrap the engine: (FastAPI app, EngineWorker). The caller closes the worker."""
+    import transformers
+
+    from .server_app import ServerConfig, create_app
+    from .server_engine import EngineWorker, new_session
+
+    transformers.logging.set_verbosity_error()
+    job = prepare(args, None, None, pick_device(args.device))  # planned as the chat plans a conversation
+    target, draft = load_models(args, job.device)
+    worker = EngineWorker(new_session(args, job, target, draft), target.tokenizer, target.eos_ids, job.device,
+                          args.seed)
+    config = ServerConfig(args.model_name or args.model, args, args.api_key, int(args.max_body_mb * (1 << 20)))
+    return create_app(worker, config), worker
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        try:
+            import uvicorn
+        except ImportError:
+            raise UserError("the server needs fastapi and uvicorn: pip install 'offload_runtime[serve]'")
+        app, worker = build(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    print(f"serving {args.model_name or args.model} at http://{args.host}:{args.port}/v1 "
+          f"(context {worker.max_context} tokens)", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

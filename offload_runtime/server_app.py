@@ -1,0 +1,220 @@
+"""The HTTP side of the server: OpenAI routes, API key, body limit, JSON errors, server-sent events.
+
+Handlers validate and tokenize on the event loop, then hand the request to the EngineWorker's
+queue and wait on its future (or stream its text as it comes), so the loop stays free to accept,
+refuse and cancel requests while the engine works.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from .chat import ChatFormat
+from .errors import UserError
+from .server_engine import Completion, EngineWorker
+from .server_engine import Request as EngineRequest
+from .server_requests import (ApiError, chat_prompt_ids, chunk, completion_prompt_ids, fit_max_tokens,
+                              parse_options, response, usage, user_error, new_id)
+
+log = logging.getLogger("offload_runtime.serve")
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    defaults: Any  # the parsed flags: max_new_tokens, temperature, top_p
+    api_key: str | None = None
+    max_body_bytes: int = 8 << 20
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, refused (413) past `limit` bytes before it is all read."""
+    length = request.headers.get("content-length", "")
+    too_large = ApiError(413, f"the request body is larger than the server's limit of {limit} bytes",
+                         code="request_too_large")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        body.append(part)
+    try:
+        data = json.loads(b"".join(body))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json")
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    return data
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+class Routes:
+    """The handlers, over one EngineWorker."""
+
+    def __init__(self, worker: EngineWorker, config: ServerConfig) -> None:
+        self.worker, self.config = worker, config
+        self.format = ChatFormat(worker.tokenizer)
+
+    def authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                           code="invalid_api_key")
+
+    def check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != self.config.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server has {self.config.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def model_card(self) -> dict:
+        return {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "offload_runtime"}
+
+    async def models(self, request: Request) -> dict:
+        self.authorize(request)
+        return {"object": "list", "data": [self.model_card()]}
+
+    async def model(self, name: str, request: Request) -> dict:
+        self.authorize(request)
+        self.check_model({"model": name})
+        return self.model_card()
+
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.config.model_name, "context_tokens": len(self.worker.session.context),
+                **self.worker.counts}
+
+    async def chat_completions(self, request: Request) -> Any:
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request: Request) -> Any:
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request: Request, chat: bool) -> Any:
+        self.authorize(request)
+        body = await read_json(request, self.config.max_body_bytes)
+        self.check_model(body)
+        options = parse_options(body, self.config.defaults)
+        ids = chat_prompt_ids(body, self.format) if chat else completion_prompt_ids(body, self.worker.tokenizer)
+        max_tokens = fit_max_tokens(options.max_tokens, len(ids), self.worker.max_context,
+                                    self.config.defaults.max_new_tokens, "messages" if chat else "prompt")
+        job = EngineRequest(ids, max_tokens, options.params, options.seed, options.stop)
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        if options.stream:
+            events = self._stream(job, rid, chat, options.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        done = await self._wait(job, request)
+        return response(done, rid, self.config.model_name, chat)
+
+    async def _result(self, future: asyncio.Future) -> Completion:
+        try:
+            return await future
+        except UserError as exc:
+            raise user_error(exc)
+
+    async def _wait(self, job: EngineRequest, request: Request) -> Completion:
+        """The answer of a non-streamed request; a client that disconnects meanwhile cancels it."""
+        future = asyncio.wrap_future(self.worker.submit(job))
+        while not job.cancelled.is_set():
+            done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+            if done:
+                break
+            if await request.is_disconnected():
+                job.cancelled.set()
+        return await self._result(future)
+
+    async def _stream(self, job: EngineRequest, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: text deltas as the engine produces them, the finish, [DONE].
+        Leaving early (the client disconnected: Starlette cancels this generator) cancels the job."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def post(item: Any) -> None:  # from the worker thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed (shutdown)
+                pass
+
+        job.on_text = post
+        name = self.config.model_name
+        try:
+            future = self.worker.submit(job)
+            future.add_done_callback(lambda _: post(None))
+            if chat:
+                yield sse(chunk(rid, name, chat, None, role=True))
+            while (text := await queue.get()) is not None:
+                yield sse(chunk(rid, name, chat, text))
+            try:
+                done = await self._result(asyncio.wrap_future(future))
+            except ApiError as exc:
+                yield sse(exc.body())
+                return
+            except Exception as exc:
+                log.exception("generation failed")
+                yield sse(ApiError(500, f"generation failed: {exc}", kind="server_error").body())
+                return
+            last = chunk(rid, name, chat, None, finish=done.finish_reason)
+            yield sse(dict(last, usage=usage(done), offload_runtime=done.stats))
+            if include_usage:
+                yield sse(dict(chunk(rid, name, chat, None), choices=[], usage=usage(done)))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()  # a no-op once the job is done
+
+
+def install_errors(app: FastAPI) -> None:
+    """Every error as an OpenAI JSON error; the server goes on."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(ApiError(exc.status_code, message, code=code))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(ApiError(400, f"invalid request: {exc.errors()}"))
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return error_response(ApiError(500, f"internal error: {exc}", kind="server_error"))
+
+
+def create_app(worker: EngineWorker, config: ServerConfig) -> FastAPI:
+    """The FastAPI application over a worker (the caller owns the worker and closes it)."""
+    app = FastAPI(title="offload_runtime", docs_url=None, redoc_url=None, openapi_url=None)
+    routes = Routes(worker, config)
+    install_errors(app)
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    app.add_api_route("/v1/models", routes.models, methods=["GET"])
+    app.add_api_route("/v1/models/{name:path}", routes.model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
+    return app

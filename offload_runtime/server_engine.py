@@ -1,0 +1,210 @@
+"""The server's engine worker: one Session, one request at a time, the document's caches reused.
+
+Requests run in arrival order on one worker thread, so the HTTP event loop never waits on the
+model. A request's token ids are compared with the session's context: the caches are cut back to
+the longest common prefix and only the rest is prefilled, so a follow-up question over a long
+document costs its own tokens. A client that goes away, or a stop string in the answer, ends the
+generation from the token callback with a KeyboardInterrupt subclass: the path by which Ctrl-C
+leaves a Session consistent (the chat's).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .errors import UserError
+from .sampling import SamplingParams
+
+
+def new_session(args: Any, job: Any, target: Any, draft: Any) -> Any:
+    """The server's engine Session for run.py's flags, plan (`job`) and loaded models: the one place
+    the server builds it (as run.chat does)."""
+    from .run import make_session
+
+    return make_session(args, job, target, draft)
+
+
+def set_sampling(session: Any, params: SamplingParams, generator: torch.Generator) -> None:
+    """Each request brings its own temperature, top-p and seed; the session's levels keep references."""
+    session.sampler.params, session.sampler.generator = params, generator  # every level draws through it
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised from the engine's callbacks to end a generation the way Ctrl-C does."""
+
+
+class Cancelled(Interrupted):
+    """The client went away."""
+
+
+class StopMatched(Interrupted):
+    """The answer reached one of the request's stop strings."""
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    on_text: Callable[[str], None] | None = None  # streamed text deltas (called on the worker thread)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrival: int = -1  # set by EngineWorker.submit
+    received: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string), "length" or "cancelled"
+    prompt_tokens: int
+    stats: dict
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class AnswerText:
+    """The answer's text as tokens arrive: what can be streamed now, and where a stop string cuts it.
+    Held back: a trailing incomplete UTF-8 character, and a tail that may be the start of a stop string."""
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def add(self, tokens: list[int]) -> str:
+        """Take new tokens; return the text that may be sent now."""
+        self.ids.extend(tokens)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped, self.text = True, text[:min(hits)]
+            return self.flush()
+        self.text = text
+        safe = len(text) - self._held(text)
+        delta = text[self.sent:safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return delta
+
+    def _held(self, text: str) -> int:
+        body = text.rstrip("\ufffd")
+        partial = max((k for s in self.stop for k in range(1, len(s)) if body.endswith(s[:k])), default=0)
+        return len(text) - len(body) + partial
+
+    def flush(self) -> str:
+        delta, self.sent = self.text[self.sent:], len(self.text)
+        return delta
+
+
+def stats_since(session: Any, before: dict) -> dict:
+    """The session's counters since `before` (for an answer the engine did not finish itself)."""
+    return dict(session.stats.since(before).as_dict(), mode=session.mode)
+
+
+class EngineWorker:
+    """Runs requests on one Session, first come first served, on a single worker thread."""
+
+    def __init__(self, session: Any, tokenizer: Any, eos_ids: list[int], device: Any, seed: int = 0) -> None:
+        self.session, self.tokenizer, self.eos_ids, self.device = session, tokenizer, eos_ids, device
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # requests without a seed
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._arrivals, self._served = itertools.count(), itertools.count()
+        self.counts = {"received": 0, "completed": 0, "cancelled": 0, "failed": 0}
+
+    @property
+    def max_context(self) -> int:
+        return self.session.max_context
+
+    def submit(self, request: Request) -> Future:
+        """Queue a request (call from one thread: the event loop); the future gives its Completion."""
+        request.arrival = next(self._arrivals)
+        self.counts["received"] += 1
+        return self._pool.submit(self._run, request)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self, request: Request) -> Completion:
+        served, waited = next(self._served), time.perf_counter() - request.received
+        try:
+            if request.cancelled.is_set():  # the client left while queued
+                done = Completion("", [], "cancelled", len(request.prompt_ids), {})
+            else:
+                done = self._generate(request)
+        except UserError:  # refused before the engine changed anything (e.g. the context check)
+            raise
+        except Exception:
+            self.counts["failed"] += 1
+            self.session.truncate(0)  # after an unexpected failure trust no cache row: start empty
+            raise
+        self.counts["cancelled" if done.finish_reason == "cancelled" else "completed"] += 1
+        done.stats.update(arrival=request.arrival, served=served, queue_wait_s=waited)
+        return done
+
+    def _reuse_prefix(self, ids: list[int]) -> int:
+        """Cut the caches back to the longest common prefix with `ids`, prefill the rest; return the prefix."""
+        session = self.session
+        common = common_prefix(session.context, ids)
+        if common < len(session.context):
+            session.truncate(common)
+        try:
+            session.extend(ids[common:])  # also marks the retrieval selection for a rebuild (a new question)
+        except KeyboardInterrupt:
+            session.truncate(common)
+            raise
+        return common
+
+    def _generate(self, request: Request) -> Completion:
+        session = self.session
+        before = session.stats.snapshot()
+        answer = AnswerText(self.tokenizer, request.stop)
+
+        def check(*_: Any) -> None:
+            if request.cancelled.is_set():
+                raise Cancelled
+
+        def on_tokens(tokens: list[int]) -> None:
+            delta = answer.add(tokens)
+            if delta and request.on_text:
+                request.on_text(delta)
+            if answer.stopped:
+                raise StopMatched
+            check()
+
+        seeded = None if request.seed is None else torch.Generator(device=self.device).manual_seed(request.seed)
+        set_sampling(session, request.params, seeded or self.generator)
+        session.progress = check  # a prefill is cancelled between its chunks
+        common, stats = 0, None
+        try:
+            common = self._reuse_prefix(request.prompt_ids)
+            stats = session.generate(request.max_tokens, on_tokens).stats
+            finish = "stop" if answer.ids and answer.ids[-1] in self.eos_ids else "length"
+        except StopMatched:
+            finish = "stop"
+        except Cancelled:
+            finish = "cancelled"
+        finally:
+            session.progress = None
+        stats = stats or stats_since(session, before)
+        tail = answer.flush()
+        if tail and request.on_text and finish != "cancelled":
+            request.on_text(tail)
+        stats.update(prefilled_tokens=session.stats.prefilled_tokens - before["prefilled_tokens"],
+                     prefills=session.stats.prefills - before["prefills"], reused_prefix_tokens=common,
+                     tokens_per_l3_pass=stats.get("mean_accepted_per_pass"))
+        return Completion(answer.text, answer.ids, finish, len(request.prompt_ids), stats)
