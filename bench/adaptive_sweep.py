@@ -173,7 +173,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['system']} | {r['s_per_token'] * 1e3:.3f} | {f(r['over_best_fixed'])} | "
                      f"{r['over_autoregressive']:.2f} | {r['cpu_s_per_token'] * 1e3:.3f} | "
-                     f"{f(r['cpu_over_best_fixed'])} | {r['cpu_over_autoregressive']:.2f} | {f(r['mean_accepted_per_pass'])} | "
+                     f"{f(r['cpu_over_best_fixed'])} | {r['cpu_over_autoregressive']:.2f} | "
+                     f"{f(r['mean_accepted_per_pass'])} | "
                      f"{f(r['l3_acceptance_of_l2'])} | {'yes' if r['same_tokens_as_autoregressive'] else 'NO'} |")
     best = rows[0]["best_fixed"]
     lines.append(f"\nbest fixed: {best} (wall-clock), {rows[0]['best_fixed_cpu']} (CPU time)")

@@ -32,6 +32,7 @@ Kind = Literal["speculative", "autoregressive", "probe"]
 KINDS: tuple[Kind, ...] = ("speculative", "autoregressive", "probe")
 RESEARCH = 16  # autoregressive steps between full searches of the speculative settings
 CONTEXT_UNIT = 1024.0  # context lengths enter the L3 fit in thousands of tokens (a well-scaled feature)
+BURST = 3.0  # an observed time is cut to this multiple of the predicted one (see LinearCost.observe)
 
 
 AUTOREGRESSIVE = RoundChoice(False, 0, 0)
@@ -89,7 +90,13 @@ class LinearCost:
         self.theta = [0.0] * n
 
     def observe(self, x: list[float], seconds: float) -> None:
-        """Plain floats (a 3x3 solve): cheaper than tensors at the size of a small model's step."""
+        """Plain floats (a 3x3 solve): cheaper than tensors at the size of a small model's step.
+
+        A time above BURST x the prediction is cut to it: one step stalled by another process on a
+        shared machine must not flip the choice; a lasting change still moves the fit within a few rounds.
+        """
+        if self.observations >= 3 and self.predict(x) > 0:
+            seconds = min(seconds, BURST * self.predict(x))
         f, n = self.forget, len(x)
         for i in range(n):
             self.xty[i] = f * self.xty[i] + x[i] * seconds

@@ -194,3 +194,17 @@ def test_fixed_settings_are_obeyed():
     report = ctl.report()
     assert set(report["rounds"]) <= {"speculative", "probe"} and report["gamma_histogram"] == {5: 50}
     assert {"l3_pass_s", "l2_step_s", "l1_step_s", "l3_acceptance_of_l2"} <= set(report["estimates"])
+
+
+def test_a_stalled_step_does_not_flip_the_choice():
+    """A 50x stall of one autoregressive step (another process took the CPU) leaves autoregressive decoding
+    chosen; a lasting slow-down of the L3 pass (a slower link, say) is followed within a few rounds."""
+    engine = FakeEngine(a3=0.5, l3=lambda ctx, rows: 0.1, l2=lambda rows: 0.06)
+    ctl = AdaptiveSpeculation(has_draft=False)
+    engine.run(ctl, 40)
+    stall = RoundChoice(False, 0, 0)
+    ctl.observe(outcome(stall, engine.context, RoundMeasurement(l3_s=5.0, l3_rows=1), 1))
+    assert kind_of(ctl.next_round(1000, engine.context)) == "autoregressive"
+    engine.l3 = lambda ctx, rows: 1.0  # lasting: L3 ten times dearer, speculation pays (a = 0.5, L2 0.06 s)
+    engine.run(ctl, 60)
+    assert kinds(engine.run(ctl, 30))["speculative"] >= 25
