@@ -1,5 +1,7 @@
 """The cost model: seconds per token from per-phase costs and acceptance, and projections for RTX 4090s.
 
+The formulas live in offload_runtime/cost.py (shared with the engine's adaptive controller).
+
 A TriForce round costs one L3 pass plus the L2 and L1 steps that drafted it, and yields
 `accepted_per_pass` tokens:
 
@@ -14,6 +16,9 @@ fixed launch overhead. They are projections, labelled as such, not measurements.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+# the formulas are the engine's (its adaptive controller chooses gamma with them): one implementation
+from offload_runtime.cost import PhaseCosts, expected_tokens_per_pass, seconds_per_token  # noqa: F401
 
 GiB = 1024 ** 3
 
@@ -57,19 +62,6 @@ PUBLISHED = [
     {"setup": "2x RTX 4090, autoregressive (offloaded)", "s_per_token": 0.84},
     {"setup": "1x RTX 4090, TriForce", "s_per_token": 0.312},
 ]
-
-
-@dataclass(frozen=True)
-class PhaseCosts:
-    l1_step_s: float
-    l2_step_s: float
-    l3_pass_s: float
-
-
-def seconds_per_token(costs: PhaseCosts, accepted_per_pass: float, l2_steps_per_pass: float,
-                      l1_steps_per_pass: float) -> float:
-    round_s = costs.l3_pass_s + l2_steps_per_pass * costs.l2_step_s + l1_steps_per_pass * costs.l1_step_s
-    return round_s / max(accepted_per_pass, 1e-9)
 
 
 def roofline_costs(model: ModelShape, context: int, budget: int, card: Card = RTX_4090, n_cards: int = 1,

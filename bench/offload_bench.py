@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from offload_runtime.run import auto_or_int
+
 from . import cost_model
 from .models import DRAFTS, SHAPES, build_pair, load_pair, parameter_count
 
@@ -44,8 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs per system and context (median reported)")
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=8)
-    p.add_argument("--gamma", type=int, default=6)
-    p.add_argument("--draft-gamma", type=int, default=4)
+    p.add_argument("--gamma", type=auto_or_int, default="auto", help="auto: the engine's adaptive controller")
+    p.add_argument("--draft-gamma", type=auto_or_int, default="auto")
+    p.add_argument("--fixed", default=None, metavar="G,D",
+                   help="also time the engine with gamma G and draft gamma D fixed (rows '... fixed G/D')")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
@@ -105,9 +109,12 @@ def run_ours(session: Any, mode: str, draft: Any, prompt_len: int, new_tokens: i
     session.truncate(prompt_len)
     session.use(mode, draft)
     clock = EmissionClock()
+    cpu = time.process_time()
     result = session.generate(new_tokens, clock)
     stats = dict(result.stats)
     stats["decode_s_per_token"] = clock.decode_s_per_token()
+    # CPU seconds (all threads) per token: steadier than wall-clock on a shared machine (CPU device only)
+    stats["decode_cpu_s_per_token"] = (time.process_time() - cpu) / max(len(result.token_ids), 1)
     return stats, result.token_ids
 
 
@@ -165,9 +172,13 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
     prompt = make_prompt(context, target.cfg.vocab_size, text_ids)
     settings = EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=args.gamma,
                               draft_gamma=args.draft_gamma)
+    fixed = None
+    if args.fixed:
+        g, d = (int(x) for x in args.fixed.split(","))
+        fixed = EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=g, draft_gamma=d)
     runs: dict[str, list[tuple[dict, list[int]]]] = {}
     offload = args.offload == "on" or (args.offload == "auto" and device.type == "cuda")
-    capacity = context + args.new_tokens + args.gamma + 1
+    capacity = context + args.new_tokens + settings.max_gamma + 1
     for rep in range(args.repeats):
         cache = None
         if offload:
@@ -188,7 +199,10 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
         systems = [("ours autoregressive", "autoregressive", None), ("ours triforce 2-level", "triforce", None)]
         if draft is not None:
             systems.append(("ours triforce 3-level", "triforce", draft))
+        if fixed is not None:
+            systems += [(f"{name} fixed {fixed.gamma}/{fixed.draft_gamma}", mode, d) for name, mode, d in systems[1:]]
         for name, mode, d in systems:
+            session.settings = fixed if " fixed " in name else settings
             stats, tokens = run_ours(session, mode, d, context, args.new_tokens)
             stats["prefill_s"] = prefill_s
             if device.type == "cuda":
@@ -207,12 +221,13 @@ def summary_rows(runs: dict[str, list[tuple[dict, list[int]]]], context: int, ne
     reference = runs["ours autoregressive"][0][1]
     for name, results in runs.items():
         stats = dict(results[0][0])
-        for key in ("decode_s_per_token", "prefill_s"):
+        for key in ("decode_s_per_token", "prefill_s", "decode_cpu_s_per_token"):
             values = [r[0][key] for r in results if r[0].get(key) is not None]
             stats[key] = statistics.median(values) if values else None
         rows.append({
             "system": name, "context": context, "new_tokens": new_tokens,
             "prefill_s": stats["prefill_s"], "decode_s_per_token": stats["decode_s_per_token"],
+            "decode_cpu_s_per_token": stats.get("decode_cpu_s_per_token"),
             "mean_accepted_per_pass": stats.get("mean_accepted_per_pass"),
             "l2_acceptance_of_l1": stats.get("l2_acceptance_of_l1"),
             "l3_acceptance_of_l2": stats.get("l3_acceptance_of_l2"),
@@ -225,6 +240,7 @@ def summary_rows(runs: dict[str, list[tuple[dict, list[int]]]], context: int, ne
             "error": stats.get("error"),
             "identical_to_ours_autoregressive": results[0][1] == reference,
             "phase_costs": phase_costs(stats) if name.startswith("ours triforce") else None,
+            "adaptive_rounds": stats.get("adaptive", {}).get("rounds"),
             "raw_stats": stats,
         })
     return rows
@@ -244,9 +260,14 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fixed_suffix(args: argparse.Namespace) -> str:
+    """The projections use the fixed-gamma rows when there are some (adaptive rows mix in autoregressive steps)."""
+    return f" fixed {args.fixed.replace(',', '/')}" if args.fixed else ""
+
+
 def projections(rows: list[dict], args: argparse.Namespace) -> dict:
-    tri2 = [r for r in rows if r["system"] == "ours triforce 2-level"]
-    tri3 = [r for r in rows if r["system"] == "ours triforce 3-level"] or tri2  # no draft: the 2-level runs
+    tri2 = [r for r in rows if r["system"] == f"ours triforce 2-level{fixed_suffix(args)}"]
+    tri3 = [r for r in rows if r["system"] == f"ours triforce 3-level{fixed_suffix(args)}"] or tri2  # no draft: 2-level
     measured = tri3[-1]["raw_stats"] if tri3 else None
     out: dict[str, Any] = {"published_triforce": cost_model.PUBLISHED, "card": asdict(cost_model.RTX_4090)}
     if measured and measured.get("l3_passes"):
@@ -347,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / f"{stem}.png", f"{Path(name).name}{'' if args.model else ' synthetic'}, "
                                     f"{machine_info(device).get('gpu', 'CPU')}")
     print(markdown_table(rows))
+    for r in rows:
+        if r.get("decode_cpu_s_per_token"):
+            print(f"{r['system']}, {r['context']}: {r['decode_cpu_s_per_token']:.4f} CPU s/token"
+                  f"{', rounds ' + str(r['adaptive_rounds']) if r['adaptive_rounds'] else ''}")
     print_projections(result)
     print(f"\nwrote {out / (stem + '.json')} and {stem}.png", file=sys.stderr)
     return 0

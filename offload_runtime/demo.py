@@ -49,7 +49,7 @@ def offloaded_cache(args: argparse.Namespace, model: torch.nn.Module, device: to
 def run_modes(args: argparse.Namespace, target, draft, ids: list[int], n_new: int, settings: EngineSettings,
               device: torch.device) -> list[tuple[str, object]]:
     params = SamplingParams(args.temperature, args.top_p)
-    capacity = len(ids) + n_new + settings.gamma + 1
+    capacity = len(ids) + n_new + settings.max_gamma + 1
     modes = [
         ("autoregressive", lambda g: generate_autoregressive(target.model, ids, n_new, params, [], g)),
         ("triforce, 2 levels", lambda g: generate_triforce(target.model, None, ids, n_new, params, [], settings, g)),
@@ -71,7 +71,7 @@ def run_demo(args: argparse.Namespace) -> int:
     story = args.prompt if args.prompt is not None else trained.story_prompt()
     ids = target.tokenizer(story)["input_ids"]
     settings = demo_settings(args, len(ids))
-    room = target.model.cfg.max_position_embeddings - len(ids) - settings.gamma - 1
+    room = target.model.cfg.max_position_embeddings - len(ids) - settings.max_gamma - 1
     if room <= 0:
         from .errors import UserError
 
@@ -89,7 +89,8 @@ def run_demo(args: argparse.Namespace) -> int:
              "identical_to_autoregressive": r.token_ids == base} for name, r in runs]
     text = target.tokenizer.decode(base, skip_special_tokens=True)
     head = {"model": trained.TARGET.name, "draft": trained.DRAFT.name, "prompt_tokens": len(ids),
-            "new_tokens": n_new, "budget": settings.budget, "gamma": settings.gamma}
+            "new_tokens": n_new, "budget": settings.budget,
+            "gamma": settings.gamma or "auto", "max_gamma": settings.max_gamma}
     print(f"offload_runtime demo: the trained {head['model']} (260K parameters, TinyStories) continues a "
           f"{head['prompt_tokens']}-token story; draft {head['draft']}.\n"
           "Run your own model with: python -m offload_runtime.run --model PATH_OR_HUB_ID [--draft SMALL_MODEL] "
@@ -115,5 +116,5 @@ def print_demo(head: dict, story: str, text: str, rows: list[dict], args: argpar
         link = f" [EMULATED link {row['link_gbps']:g} GB/s]" if row["offload_backend"] == "emulated" else ""
         print(f"{row['mode']:<22}{row['decode_tokens_per_s']:>10.1f}{'-' if acc is None else f'{acc:.2f}':>16}"
               f"{'-' if l3 is None else f'{l3:.0%}':>15}{same:>18}{link}")
-    print(f"At most gamma + 1 = {head['gamma'] + 1} tokens per L3 pass. Speed on this tiny model says little "
+    print(f"At most gamma + 1 = {head['max_gamma'] + 1} tokens per L3 pass. Speed on this tiny model says little "
           "(see `python -m bench` for timing at size, and `--emulate-link` for a GPU's link).")

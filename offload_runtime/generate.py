@@ -42,7 +42,7 @@ def _single_shot(target: CausalLM, draft: CausalLM | None, prompt_ids: list[int]
                  generator: torch.Generator | None, on_tokens: TokenCallback | None, cache: FullKVCache | None,
                  mode: str) -> GenerationResult:
     check_request(len(prompt_ids), max_new_tokens, target.cfg.max_position_embeddings)
-    slots = settings.gamma + 1 if mode == "triforce" else 0  # an L3 pass writes gamma + 1 rows past the answer
+    slots = settings.max_gamma + 1 if mode == "triforce" else 0  # an L3 pass writes gamma + 1 rows past the answer
     session = Session(target, draft, params, eos_ids, settings, generator, mode, cache=cache,
                       capacity=len(prompt_ids) + max_new_tokens + slots)
     session.extend(prompt_ids)

@@ -4,6 +4,7 @@
 outcome with `policy.observe(...)` after, so a controller that adapts gamma to the measured
 acceptance and costs plugs in here without touching the loop. `FixedPolicy` is the default:
 the EngineSettings' gamma and draft gamma every round (autoregressive mode: plain steps).
+In TriForce mode the Session uses the adaptive controller (adaptive.py) unless both are fixed.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from .settings import EngineSettings
 class RoundChoice:
     speculate: bool  # False: one autoregressive target step over the full cache
     gamma: int = 1  # L2 tokens drafted for one L3 pass (1 <= gamma < RECENT_QUERIES)
-    draft_gamma: int = 1  # L1 tokens per L2 check (with a draft model)
+    draft_gamma: int = 1  # L1 tokens per L2 check (with a draft model; 0: L2 drafts alone this round)
+    probe: bool = False  # a short round the adaptive controller runs to re-measure speculation (adaptive.py)
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,12 @@ class RoundOutcome:
     emitted: int
     l1_proposed: int = 0
     l1_accepted: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)  # "l1", "l2", "l3"
+    seconds: dict[str, float] = field(default_factory=dict)  # "l1", "l2", "l3" (l2 includes l1)
     context: int = 0
+    l2_forwards: int = 0  # L2 forwards while drafting, and their query rows (the adaptive controller's costs)
+    l2_rows: int = 0
+    l1_forwards: int = 0
+    l1_rejections: int = 0  # L2 checks that stopped at a rejected L1 token
 
 
 class RoundPolicy(Protocol):
@@ -46,7 +52,8 @@ class FixedPolicy:
     """The same round every time, from the settings: TriForce rounds, or plain steps in autoregressive mode."""
 
     def __init__(self, settings: EngineSettings, speculate: bool = True) -> None:
-        self.choice = RoundChoice(speculate, settings.gamma, settings.draft_gamma)
+        gamma, draft_gamma = settings.gamma_limits(has_draft=False)
+        self.choice = RoundChoice(speculate, gamma, draft_gamma)
 
     def next_round(self, remaining: int, context: int) -> RoundChoice:
         return self.choice

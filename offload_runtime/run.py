@@ -49,8 +49,12 @@ def build_parser(prog: str = "python -m offload_runtime.run", description: str |
                    help="triforce: speculative engine; autoregressive: baseline over the same cache")
     g.add_argument("--budget", type=int, default=4096, help="retrieval-cache budget in tokens (L2)")
     g.add_argument("--chunk-size", type=int, default=8, help="tokens per retrieval chunk")
-    g.add_argument("--gamma", type=int, default=6, help="L2 tokens verified per L3 pass (1 to 63)")
-    g.add_argument("--draft-gamma", type=int, default=4, help="L1 draft tokens per L2 check")
+    g.add_argument("--gamma", type=auto_or_int, default=None, metavar="auto|N",
+                   help="L2 tokens verified per L3 pass: auto (default) chooses each round, falling back to "
+                   "autoregressive steps where speculation does not pay; N (1 to 63) fixes it")
+    g.add_argument("--draft-gamma", type=auto_or_int, default=None, metavar="auto|N",
+                   help="L1 draft tokens per L2 check: auto (default) chooses each round, L1 unused where it "
+                   "does not pay; N fixes it")
     g.add_argument("--sinks", type=int, default=16, help="attention-sink tokens kept by the draft's StreamingLLM cache")
     g.add_argument("--window", type=int, default=256, help="total size of the draft's StreamingLLM cache")
     g.add_argument("--refresh-every", type=int, default=0,
@@ -90,6 +94,16 @@ def prompt_text(args: argparse.Namespace) -> str:
     return prompt
 
 
+def auto_or_int(text: str) -> int | None:
+    """`auto` (None: the engine's controller chooses) or an integer."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {text!r}") from None
+
+
 def validate(args: argparse.Namespace) -> None:
     check_flags(args)
     if args.max_new_tokens <= 0:
@@ -98,7 +112,7 @@ def validate(args: argparse.Namespace) -> None:
 
     SamplingParams(args.temperature, args.top_p)  # raises on bad values
     for flag in ("chunk_size", "gamma", "draft_gamma", "budget"):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.budget < 2 * args.chunk_size:
         raise UserError(f"--budget {args.budget} must hold at least 2 chunks of --chunk-size {args.chunk_size}")
@@ -155,7 +169,7 @@ def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_promp
     draft_cfg = None
     if args.draft and args.mode == "triforce":
         draft_cfg = ModelConfig.from_hf(loading.load_hf_config(loading.resolve_checkpoint(args.draft)))
-    slots = args.gamma + 1 if args.mode == "triforce" else 0
+    slots = engine_settings(args).max_gamma + 1 if args.mode == "triforce" else 0
     needed = n_prompt + args.max_new_tokens + slots
     context = args.max_context or needed
     if needed > context:
@@ -219,7 +233,7 @@ def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, 
     else:  # a chat: the document plus room for the conversation, within the model's context
         n_doc = len(tokenizer(document)["input_ids"]) if document else 0
         limit = min(cfg.max_position_embeddings, args.max_context or cfg.max_position_embeddings)
-        room = limit - args.max_new_tokens - args.gamma - 1
+        room = limit - args.max_new_tokens - engine_settings(args).max_gamma - 1
         if room <= 0:
             source = "--max-context" if limit == args.max_context else "the model's context"
             raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a chat turn in {source} "
@@ -270,7 +284,7 @@ def generate_once(args: argparse.Namespace, job: Job, target: Any, draft: Any, s
 
     prompt_ids = job.prompt_ids
     stream = TextStreamer(target.tokenizer) if stream and not args.json else None
-    slots = args.gamma + 1 if args.mode == "triforce" else 0  # an L3 pass writes gamma + 1 rows past the answer
+    slots = engine_settings(args).max_gamma + 1 if args.mode == "triforce" else 0  # an L3 pass writes gamma + 1 rows past the answer
     session = make_session(args, job, target, draft, capacity=len(prompt_ids) + args.max_new_tokens + slots)
     session.extend(prompt_ids)
     result = session.generate(args.max_new_tokens, stream)

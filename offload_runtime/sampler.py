@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .policy import RoundChoice
 from .sampling import SamplingParams, probabilities, sample
 from .speculative import verify
 from .tp import agree_int, agree_ints
@@ -33,3 +34,9 @@ class Sampler:
         """(accepted count, next token): speculative verification of `drafted` ~ q against p (rank 0's)."""
         n, nxt = agree_ints(verify(drafted, q, p, self.generator))
         return n, nxt
+
+    def agree(self, choice: RoundChoice) -> RoundChoice:
+        """Rank 0's round choice: ranks time their own work, so an adaptive policy may differ across them."""
+        speculate, gamma, draft_gamma, probe = agree_ints([choice.speculate, choice.gamma, choice.draft_gamma,
+                                                           choice.probe])
+        return RoundChoice(bool(speculate), gamma, draft_gamma, bool(probe))

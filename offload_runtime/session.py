@@ -19,7 +19,8 @@ from .caches.full import FullCache
 from .caches.retrieval import RetrievalCache
 from .context import ContextCaches, ProgressCallback
 from .model import CausalLM
-from .policy import FixedPolicy, RoundChoice, RoundOutcome, RoundPolicy
+from .adaptive import policy_for
+from .policy import RoundChoice, RoundOutcome, RoundPolicy
 from .request import GenerationResult, TokenCallback, check_request, stop_index
 from .sampler import Sampler
 from .sampling import SamplingParams
@@ -37,7 +38,8 @@ class Session:
                  progress: ProgressCallback | None = None, policy: RoundPolicy | None = None) -> None:
         """cache: the L3 full cache, built by the caller (default: an on-device FullCache that grows,
         reserved for `capacity` tokens; an OffloadedCache is host-resident and fixed-size).
-        policy: the per-round choice (default: FixedPolicy of the settings and mode)."""
+        policy: the per-round choice (default: the adaptive controller in TriForce mode, adaptive.py,
+        unless the settings fix gamma and draft gamma: then, as in autoregressive mode, FixedPolicy)."""
         self.target, self.eos_ids, self.settings = target, eos_ids, settings
         self.sampler = Sampler(params, generator)
         self.stats = Stats()
@@ -83,8 +85,8 @@ class Session:
         self.l1 = DraftLevel(draft, self.settings, self.sampler, self.stats, self.target.cfg.vocab_size) \
             if draft is not None and triforce else None
         self.speculator = Speculator(self.caches, self.l1, self.sampler, self.stats) if triforce else None
-        if self.fixed_policy:
-            self.policy = FixedPolicy(self.settings, speculate=triforce)
+        if self.fixed_policy:  # (fresh estimates: the costs of another mode or draft say nothing of these)
+            self.policy = policy_for(self.settings, self.l1 is not None, speculate=triforce)
 
     def extend(self, tokens: list[int]) -> None:
         """Append tokens (a prompt or a new turn) and prefill them now."""
@@ -117,7 +119,7 @@ class Session:
             self._emit([self.sampler.next_token(self.caches.logits)], out, on_tokens, max_new_tokens)
             while out[-1] not in self.eos_ids and len(out) < max_new_tokens:
                 remaining = max_new_tokens - len(out)
-                choice = self.policy.next_round(remaining, len(self.context))
+                choice = self.sampler.agree(self.policy.next_round(remaining, len(self.context)))
                 self.policy.observe(self._round(choice, out, on_tokens, max_new_tokens))
         except KeyboardInterrupt:
             self._restore()
@@ -132,6 +134,8 @@ class Session:
                      levels=(3 if self.l1 else 2) if self.mode == "triforce" else 1,
                      draft_evicted_rows=self.l1.cache.evicted if self.l1 else 0)
         stats.update(self.full.report(len(out), stats["time_l3_s"]))
+        if self.mode == "triforce" and hasattr(self.policy, "report"):  # the controller's choices and estimates
+            stats["adaptive"] = self.policy.report()
         return GenerationResult(out, stats)
 
     def _round(self, choice: RoundChoice, out: list[int], on_tokens: TokenCallback | None,
@@ -145,17 +149,19 @@ class Session:
         self._emit(take, out, on_tokens, max_new)
         d = self.stats.since(before)
         return RoundOutcome(choice, d.l3_proposed, d.l3_accepted, len(take), d.l1_proposed, d.l1_accepted,
-                            {k: d.time[k] for k in ("l1", "l2", "l3")}, context)
+                            {k: d.time[k] for k in ("l1", "l2", "l3")}, context, d.l2_forwards, d.l2_rows,
+                            d.l1_forwards, d.l1_rejections)
 
     def _autoregressive_step(self) -> list[int]:
         """The one autoregressive decoder: one target forward over the full cache, one token."""
-        with timed(self.stats, "l3"):
+        with timed(self.stats, "l3"):  # the sample too: on CUDA it waits for the forward (a policy's cost)
             logits = self.target(torch.tensor(self.context[-1:], device=self.target.device), self.full)
+            token = self.sampler.next_token(logits[-1])
         self.stats.l3_passes += 1
         self.stats.emitted_in_rounds += 1
         if self.retrieval is not None:  # (a policy's plain step in TriForce mode) L2 keeps in step
             self.retrieval.write_rows(self.full, self.retrieval.length, self.full.length)
-        return [self.sampler.next_token(logits[-1])]
+        return [token]
 
     def _emit(self, block: list[int], out: list[int], on_tokens: TokenCallback | None, max_new: int) -> None:
         take = block[: stop_index(block, self.eos_ids, max_new - len(out))]

@@ -9,6 +9,7 @@ class Stats:
     def __init__(self) -> None:
         self.l3_passes = self.l3_proposed = self.l3_accepted = self.emitted_in_rounds = 0
         self.l2_forwards = self.l1_forwards = self.l1_proposed = self.l1_accepted = 0
+        self.l2_rows = self.l1_rejections = 0  # L2 query rows; L2 checks stopped by a rejection (adaptive.py)
         self.prefilled_tokens = self.prefills = self.retrieval_builds = 0
         self.time = {"l1": 0.0, "l2": 0.0, "l3": 0.0, "prefill": 0.0}
 

@@ -38,7 +38,7 @@ class DraftLevel:
         self.model, self.settings, self.sampler, self.stats = model, settings, sampler, stats
         self.target_vocab = target_vocab or model.cfg.vocab_size
         self.cache = StreamingCache(model.cfg, model.device, model.dtype, settings.sinks, settings.window, model.rope)
-        self.span = settings.gamma + settings.draft_gamma  # the longest round so far (how far a rollback reaches)
+        self.span = sum(settings.gamma_limits(True))  # the longest round so far (how far a rollback reaches)
         self.base = 0
         self.consumed: list[int] = []
 
@@ -174,9 +174,10 @@ class Speculator:
         if self.l1 is not None:
             self.l1.span = max(self.l1.span, gamma + draft_gamma)
         while len(tokens) < gamma:
-            if self.l1 is None:
+            if self.l1 is None or draft_gamma <= 0:  # L2 drafts alone (no draft model, or L1 off this round)
                 dist = self.sampler.distribution(self.target(torch.tensor([last], device=dev), retrieval)[-1])
                 self.stats.l2_forwards += 1
+                self.stats.l2_rows += 1
                 last = self.sampler.draw(dist)
                 tokens.append(last)
                 dists.append(dist)
@@ -186,9 +187,11 @@ class Speculator:
             start = retrieval.length
             q2 = self.sampler.distribution(self.target(torch.tensor([last] + proposals, device=dev), retrieval))
             self.stats.l2_forwards += 1
+            self.stats.l2_rows += 1 + len(proposals)
             m, nxt = self.sampler.verify(proposals, q1, q2)
             self.stats.l1_proposed += len(proposals)
             self.stats.l1_accepted += m
+            self.stats.l1_rejections += int(m < len(proposals))
             retrieval.truncate(start + 1 + m)
             tokens.extend(proposals[:m] + [nxt])
             dists.extend(q2[: m + 1])

@@ -81,3 +81,17 @@ def test_emulated_link_benchmark_tiny(tmp_path, capsys):
     assert len(modelled) == 2 and all(r["tokens_per_l3_pass"] > 2 for r in modelled)
     out = capsys.readouterr().out
     assert "EMULATED link" in out and "cost model" in out
+
+
+def test_adaptive_sweep_on_the_trained_pair(tmp_path, capsys):
+    """bench.adaptive_sweep: auto and fixed gammas side by side, every system's tokens equal autoregressive."""
+    from bench import adaptive_sweep
+
+    assert adaptive_sweep.main(["--gammas", "1,3", "--draft-gammas", "2", "--repeats", "1", "--new-tokens", "8",
+                                "--prompt-tokens", "64", "--emulate-link", "2", "--out", str(tmp_path), "--tag", "t"]) == 0
+    result = json.loads((tmp_path / "adaptive_sweep_t.json").read_text())
+    names = {r["system"] for r in result["rows"]}
+    assert names == {"autoregressive", "auto 2-level", "auto 3-level", "fixed gamma 1 2-level", "fixed gamma 3 2-level",
+                     "fixed gamma 1 3-level dg 2", "fixed gamma 3 3-level dg 2"}
+    assert all(r["same_tokens_as_autoregressive"] and r["s_per_token"] > 0 for r in result["rows"])
+    assert result["rows"][1]["adaptive"]["rounds"] and "best fixed" in capsys.readouterr().out

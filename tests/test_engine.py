@@ -55,6 +55,7 @@ def test_greedy_equals_autoregressive_and_transformers(family, checkpoint, promp
         EngineSettings(budget=48, chunk_size=8, gamma=4, draft_gamma=3, sinks=4, window=40),  # budget << prompt
         EngineSettings(budget=30, chunk_size=7, gamma=3, draft_gamma=2, sinks=2, window=24),  # generation > budget
         EngineSettings(budget=1024, chunk_size=16, gamma=5, draft_gamma=4, sinks=4, window=64),  # budget >= prompt
+        EngineSettings(budget=48, chunk_size=8, sinks=4, window=40),  # the adaptive controller (the default)
     ]
     for s in settings:
         for draft in (None, draft_model, target):  # two levels, a small draft, the target as its own draft
@@ -91,7 +92,8 @@ def test_full_budget_accepts_every_token(checkpoint, prompt_ids, n_new, gamma):
 def test_target_as_own_draft_short_prompt_accepts_all(checkpoint, prompt_ids):
     """Prompt inside the draft window and budget: all three levels compute the same thing."""
     target = load(checkpoint("llama"))
-    got = generate_triforce(target, target, prompt_ids[:50], 30, GREEDY, [], EngineSettings(budget=4096))
+    got = generate_triforce(target, target, prompt_ids[:50], 30, GREEDY, [], EngineSettings(budget=4096, gamma=6,
+                                                                                         draft_gamma=4))
     assert got.stats["l2_acceptance_of_l1"] == 1.0 and got.stats["l3_acceptance_of_l2"] == 1.0
 
 
@@ -124,9 +126,11 @@ def _chi2(counts, probs):
     return (((counts - expected) ** 2)[keep] / expected[keep]).sum().item(), int(keep.sum()) - 1
 
 
-def test_sampled_frequencies_match_target(tmp_path):
+@pytest.mark.parametrize("controller", ["fixed gamma", "adaptive"])
+def test_sampled_frequencies_match_target(tmp_path, controller):
     """Temperature 1, three levels, retrieval budget < prompt, draft window < prompt: the second and third
-    generated tokens (both produced by speculation) follow the target's exact marginal distributions."""
+    generated tokens (produced by speculation) follow the target's exact marginal distributions. Adaptive:
+    one session answers every run, so its controller's choices change between runs."""
     vocab = 8
     target = _tiny_vocab_model(tmp_path, 1, vocab, eos_token_id=None, bos_token_id=None)
     draft = _tiny_vocab_model(tmp_path, 2, vocab, eos_token_id=None, bos_token_id=None, num_hidden_layers=1)
@@ -142,15 +146,25 @@ def test_sampled_frequencies_match_target(tmp_path):
     p3 = sum(joint12[a, b] * dist(prompt + [a, b]) for a in range(vocab) for b in range(vocab))
     p2 = joint12.sum(0)
 
-    settings = EngineSettings(budget=16, chunk_size=4, gamma=2, draft_gamma=2, sinks=2, window=12)
     gen = torch.Generator().manual_seed(1)
     runs = 2500
     seconds = torch.zeros(vocab)
     thirds = torch.zeros(vocab)
+    if controller == "adaptive":
+        session = Session(target, draft, params, [], EngineSettings(budget=16, chunk_size=4, sinks=2, window=12), gen)
+        session.extend(prompt)
     for _ in range(runs):
-        out = generate_triforce(target, draft, prompt, 3, params, [], settings, gen).token_ids
+        if controller == "adaptive":
+            session.truncate(len(prompt))
+            out = session.generate(3).token_ids
+        else:
+            settings = EngineSettings(budget=16, chunk_size=4, gamma=2, draft_gamma=2, sinks=2, window=12)
+            out = generate_triforce(target, draft, prompt, 3, params, [], settings, gen).token_ids
         seconds[out[1]] += 1
         thirds[out[2]] += 1
+    if controller == "adaptive":  # the controller did speculate (probes at least) and stepped autoregressively
+        report = session.policy.report()
+        assert report["rounds"]["autoregressive"] > 0 and report["gamma_histogram"].get(1, 0) > 0, report
     for counts, probs in [(seconds, p2), (thirds, p3)]:
         stat, dof = _chi2(counts, probs)
         assert stat < dof + 8 * math.sqrt(2 * dof), (stat, dof)  # ~p < 1e-6 under the right law
@@ -196,6 +210,11 @@ def test_cli_triforce_json_stats(checkpoint, capsys, tokenizer):
     for key in ("mean_accepted_per_pass", "l2_acceptance_of_l1", "l3_acceptance_of_l2", "time_l1_s", "time_l2_s",
                 "time_l3_s", "prefill_s", "decode_tokens_per_s"):
         assert stats[key] is not None, key
+    rounds = stats["adaptive"]["rounds"]  # --gamma 4: never an autoregressive step; the draft gamma is chosen
+    assert set(rounds) <= {"speculative", "probe"} and sum(rounds.values()) == stats["l3_passes"]
+    assert main(args[:-2] + ["--draft", path, "--gamma", "auto", "--draft-gamma", "auto"]) == 0
+    auto = json.loads(capsys.readouterr().out)
+    assert auto["token_ids"] == ar["token_ids"] and auto["stats"]["adaptive"]["rounds"]["autoregressive"] >= 1
 
 
 def test_draft_with_padded_vocabulary(checkpoint, prompt_ids, tokenizer):
@@ -274,3 +293,15 @@ def test_session_recovers_from_an_interrupted_prefill_and_a_long_truncate(checkp
 def test_gamma_is_bounded_by_the_kept_query_rows():
     with pytest.raises(UserError, match="--gamma must be below 64"):
         EngineSettings(gamma=64)
+
+
+def test_controller_is_on_by_default_and_reports(checkpoint, prompt_ids, draft_model):
+    target = load(checkpoint("llama"))
+    assert EngineSettings().gamma is None and EngineSettings().draft_gamma is None
+    got = generate_triforce(target, draft_model, prompt_ids, 30, GREEDY, [], EngineSettings(budget=48, sinks=4,
+                                                                                              window=40))
+    assert got.token_ids == generate_autoregressive(target, prompt_ids, 30, GREEDY, []).token_ids
+    report = got.stats["adaptive"]
+    assert sum(report["rounds"].values()) == sum(report["gamma_histogram"].values()) >= 1
+    assert report["rounds"]["autoregressive"] >= 1  # the warm-up step measures the baseline
+    assert 0 <= report["estimates"]["l3_acceptance_of_l2"] <= 1

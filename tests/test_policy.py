@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from offload_runtime import loading
+from offload_runtime.adaptive import AdaptiveSpeculation
 from offload_runtime.engine import EngineSettings, Session
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.policy import FixedPolicy, RoundChoice, RoundOutcome
@@ -44,7 +45,8 @@ def prompt(tokenizer, long_text):
 def test_any_choice_sequence_is_lossless(models, prompt, with_draft):
     target, draft = models
     want = generate_autoregressive(target, prompt, 24, GREEDY, []).token_ids
-    policy = Scripted([RoundChoice(True, 2, 1), RoundChoice(False), RoundChoice(True, 9, 5), RoundChoice(True, 1, 3)])
+    policy = Scripted([RoundChoice(True, 2, 1), RoundChoice(False), RoundChoice(True, 9, 5), RoundChoice(True, 1, 3),
+                       RoundChoice(True, 4, 0)])  # draft gamma 0: L1 unused this round (the adaptive controller)
     session = Session(target, draft if with_draft else None, GREEDY, [], SETTINGS, policy=policy)
     session.extend(prompt)
     got = session.generate(24)
@@ -58,6 +60,11 @@ def test_any_choice_sequence_is_lossless(models, prompt, with_draft):
                                             for i in range(len(policy.outcomes))]
     assert all(o.seconds["l3"] > 0 for o in policy.outcomes)
     assert got.stats["l3_passes"] == len(policy.outcomes)
+    assert session.full.length == len(session.context) - 1 == session.retrieval.length  # L2 kept in step
+    for o in policy.outcomes:  # the adaptive controller's cost inputs
+        assert o.l2_rows >= o.l2_forwards and (o.l2_forwards > 0) == (o.choice.speculate and o.proposed > 0)
+        l1_used = with_draft and o.choice.speculate and o.choice.draft_gamma > 0 and o.proposed > 0
+        assert (o.l1_forwards > 0) == l1_used and o.l1_rejections <= o.l2_forwards
 
 
 def test_default_policy_is_the_settings(models, prompt):
@@ -66,3 +73,14 @@ def test_default_policy_is_the_settings(models, prompt):
     assert isinstance(session.policy, FixedPolicy) and session.policy.next_round(10, 100) == RoundChoice(True, 3, 2)
     session.use("autoregressive")
     assert session.policy.next_round(10, 100) == RoundChoice(False, 3, 2)
+
+
+def test_default_policy_is_adaptive_unless_both_gammas_are_fixed(models):
+    target, draft = models
+    auto = EngineSettings(budget=48, chunk_size=8, sinks=4, window=64)
+    assert isinstance(Session(target, draft, GREEDY, [], auto).policy, AdaptiveSpeculation)
+    assert isinstance(Session(target, None, GREEDY, [], auto).policy, AdaptiveSpeculation)
+    only_gamma = EngineSettings(budget=48, chunk_size=8, gamma=3, sinks=4, window=64)
+    assert isinstance(Session(target, draft, GREEDY, [], only_gamma).policy, AdaptiveSpeculation)  # draft gamma chosen
+    assert isinstance(Session(target, None, GREEDY, [], only_gamma).policy, FixedPolicy)  # no draft: nothing to choose
+    assert isinstance(Session(target, draft, GREEDY, [], auto, mode="autoregressive").policy, FixedPolicy)
