@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .sampling import SamplingParams, probabilities, sample
-from .speculative import verify
+from .speculative import verify, verify_one
 from .tp import agree_int, agree_ints
 
 
@@ -33,3 +33,9 @@ class Sampler:
         """(accepted count, next token): speculative verification of `drafted` ~ q against p (rank 0's)."""
         n, nxt = agree_ints(verify(drafted, q, p, self.generator))
         return n, nxt
+
+    def verify_one(self, token: int, q: torch.Tensor, p: torch.Tensor) -> tuple[bool, int]:
+        """(accepted, token to emit): one proposal ~ q [V] checked against p [V], no bonus draw (rank 0's)."""
+        ok, tok = verify_one(token, q, p, self.generator)
+        ok_i, tok = agree_ints((int(ok), tok))
+        return bool(ok_i), tok

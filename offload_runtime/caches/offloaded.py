@@ -47,6 +47,7 @@ class OffloadedCache(FullKVCache):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.capacity, self.on_chip_layers = capacity, on_chip_layers
         self.length = 0
+        self._pass_begun = False  # layer_ready(0) started the next pass's copies
         self.backend = backend if backend is not None else make_backend(self.device)
         self.link_gbps = link_gbps
         row = (2, cfg.num_kv_heads, cfg.head_dim)
@@ -83,12 +84,26 @@ class OffloadedCache(FullKVCache):
             raise UserError(f"context of {end} tokens is longer than the {self.capacity} tokens the cache "
                             f"was planned for (--max-context)")
 
+    def _begin_pass(self, n_new: int) -> None:
+        self._check_capacity(self.length + n_new)
+        if self.pipeline is not None:
+            self.pipeline.begin_pass(self.length)
+
+    def layer_ready(self, layer: int, n_new: int) -> bool:
+        """Is the layer's slab in place? (asked before layer 0 it starts the pass's copies)"""
+        if layer == 0 and not self._pass_begun:
+            self._begin_pass(n_new)
+            self._pass_begun = True
+        if layer < self.on_chip_layers:
+            return True
+        return self.pipeline.ready_now(layer - self.on_chip_layers)
+
     def open_layer(self, layer: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Device views (an on-chip buffer, or the slab the layer was streamed into)."""
         if layer == 0:
-            self._check_capacity(self.length + n_new)
-            if self.pipeline is not None:
-                self.pipeline.begin_pass(self.length)
+            if not self._pass_begun:  # (layer_ready may have started it)
+                self._begin_pass(n_new)
+            self._pass_begun = False
         self._new[layer] = None  # rows at and after `length` are being rewritten
         if layer < self.on_chip_layers:
             buf = self.on_chip[layer]
@@ -132,6 +147,7 @@ class OffloadedCache(FullKVCache):
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} rows to {length}")
         self.length = length
+        self._pass_begun = False  # (a stepped pass abandoned before layer 0: the next one starts afresh)
 
     # -- reports ------------------------------------------------------------------------------------
     def begin_prefill(self) -> None:
