@@ -108,6 +108,7 @@ class PipelinedSpeculator(Speculator):
         stats.l3_passes += 1
         stats.l3_proposed += len(drafted)
         stats.l3_accepted += n
+        stats.rounds_all_accepted += n == len(drafted)
         stats.emitted_in_rounds += len(take)
         rows = caches.retrieval.length  # the pre-draft's rows end here
         caches.keep(base, keep)

@@ -158,6 +158,7 @@ class Speculator:
         stats.l3_passes += 1
         stats.l3_proposed += len(drafted)
         stats.l3_accepted += n
+        stats.rounds_all_accepted += n == len(drafted)
         stats.emitted_in_rounds += len(take)
         caches.keep(base, keep)  # the L3 pass computed the true K/V of these rows
         if self.refresh.due(stats.l3_passes, n, len(drafted)):
