@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from offload_runtime.caches import FullCache
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.cuda_streams import EmulatedLinkBackend
-from offload_runtime.engine import EngineSettings, generate_triforce
+from offload_runtime.engine import EngineSettings, Session, generate_triforce
 from offload_runtime.errors import UserError
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.sampler import Sampler
@@ -122,20 +122,24 @@ def test_sampled_frequencies_match_target_with_the_pipeline(tmp_path, monkeypatc
     marginals = _marginals(target, prompt, vocab)
     settings = EngineSettings(budget=8, chunk_size=4, gamma=1, draft_gamma=1, sinks=2, window=12, pipeline="on")
 
-    def frequencies(runs):
-        gen, counts = torch.Generator().manual_seed(1), torch.zeros(3, vocab)
+    def frequencies(runs):  # one session, cut back to the prompt before each answer (one prefill)
+        session = Session(target, draft, SamplingParams(1.0), [], settings, torch.Generator().manual_seed(1),
+                          capacity=len(prompt) + 16)
+        session.extend(prompt)
+        counts = torch.zeros(3, vocab)
         for _ in range(runs):
-            out = generate_triforce(target, draft, prompt, 5, SamplingParams(1.0), [], settings, gen)
+            session.truncate(len(prompt))
+            out = session.generate(5)
             for i in range(3):
                 counts[i, out.token_ids[i + 1]] += 1
         return counts, out.stats
 
-    counts, stats = frequencies(1500)
+    counts, stats = frequencies(1200)
     assert stats["predrafted_tokens_used"] >= 1
     for i in range(3):
         stat, dof = _chi2(counts[i], marginals[i])
         assert stat < dof + 8 * math.sqrt(2 * dof), (i, stat, dof)
     monkeypatch.setattr(Sampler, "verify_one", lambda self, x, q, p: (True, x))
-    counts, _ = frequencies(1500)
+    counts, _ = frequencies(800)
     stat, dof = _chi2(counts[1], marginals[1])
     assert stat > dof + 8 * math.sqrt(2 * dof), (stat, dof)
