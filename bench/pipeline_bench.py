@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--gamma", type=int, default=16)
     p.add_argument("--link-over-draft", type=float, default=1.0, help="one pass's link time / (a round's draft + a pass's compute)")
-    p.add_argument("--new-tokens", type=int, default=52, help="tokens per run (3 rounds of gamma + 1 at gamma 16)")
+    p.add_argument("--new-tokens", type=int, default=120,
+                   help="tokens per run (7 rounds of gamma + 1 at gamma 16; the first is not pipelined)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--slabs", type=int, default=4, help="device slabs the pass streams the layers through")
     p.add_argument("--out", default=str(RESULTS))
