@@ -99,6 +99,10 @@ class Backend:
         """Make the compute stream wait for `event` (no host synchronization)."""
         raise NotImplementedError
 
+    def done(self, event: Any) -> bool:
+        """Has `event` completed? Never blocks (the pipelined round drafts while a copy is not done)."""
+        return event is None or bool(event.query())
+
     def synchronize(self, event: Any) -> None:
         """Host waits for `event` (only outside the hot loop: reading host rows, reports)."""
         event.synchronize()

@@ -87,6 +87,11 @@ class LayerPipeline:
         self.backend.log("compute", i, self.slab_of(i))
         return self.slabs[self.slab_of(i)]
 
+    def ready_now(self, i: int) -> bool:
+        """Is layer i's copy-in done? Issues the copies acquire(i) would, never blocks."""
+        self.prefetch(i + len(self.slabs))
+        return i < self.issued and self.backend.done(self.ready[i])
+
     def release(self, i: int, start: int, stop: int) -> None:
         """Write rows [start, stop) (the new ones) of layer i back to host; free the slab."""
         s = self.slab_of(i)

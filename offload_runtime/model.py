@@ -8,7 +8,7 @@ computes attention. Tensor parallelism shards these same modules in place.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +136,22 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, cache)
         cache.advance(tokens.shape[0])
         return self._head(x[-1:] if last_only else x)
+
+    def forward_steps(self, tokens: torch.Tensor, cache: FullKVCache) -> Generator[None, bool, torch.Tensor]:
+        """`forward` as steps: before a layer whose K/V is not on the device yet (`cache.layer_ready`)
+        it yields, so the caller can do other work while the copy runs; the caller sends True to
+        make it stop asking and wait for the copy. Returns (StopIteration.value) the logits [T, V]."""
+        with torch.inference_mode():
+            x, cos, sin = self._embed(tokens, cache)
+        for i, layer in enumerate(self.model.layers):
+            while not cache.layer_ready(i, tokens.shape[0]):
+                if (yield):
+                    break
+            with torch.inference_mode():
+                x = layer(x, cos, sin, cache)
+        cache.advance(tokens.shape[0])
+        with torch.inference_mode():
+            return self._head(x)
 
     @torch.inference_mode()
     def forward_layer_major(self, tokens: torch.Tensor, cache: FullKVCache, on_layer: LayerHook | None = None,

@@ -61,6 +61,9 @@ def build_parser(prog: str = "python -m offload_runtime.run", description: str |
                    help="rebuild the retrieval selection every N L3 passes (0: never)")
     g.add_argument("--refresh-below", type=float, default=0.0,
                    help="rebuild it when L3 accepted less than this share of L2's tokens over the last 4 passes (0: never)")
+    g.add_argument("--pipeline", choices=["on", "off", "auto"], default="auto",
+                   help="draft the next round while the L3 pass streams the cache (lossless); auto: on when "
+                   "the full cache is offloaded")
     g = p.add_argument_group("memory and device")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -263,7 +266,8 @@ def engine_settings(args: argparse.Namespace) -> Any:
 
     return EngineSettings(budget=args.budget, chunk_size=args.chunk_size, gamma=args.gamma,
                           draft_gamma=args.draft_gamma, sinks=args.sinks, window=args.window,
-                          refresh_every=args.refresh_every, refresh_below=args.refresh_below)
+                          refresh_every=args.refresh_every, refresh_below=args.refresh_below,
+                          pipeline=getattr(args, "pipeline", "off"))
 
 
 def make_session(args: argparse.Namespace, job: Job, target: Any, draft: Any, capacity: int = 0) -> Any:

@@ -10,7 +10,7 @@ import torch
 
 from .policy import RoundChoice
 from .sampling import SamplingParams, probabilities, sample
-from .speculative import verify
+from .speculative import verify, verify_one
 from .tp import agree_int, agree_ints
 
 
@@ -40,3 +40,9 @@ class Sampler:
         speculate, gamma, draft_gamma, probe = agree_ints([choice.speculate, choice.gamma, choice.draft_gamma,
                                                            choice.probe])
         return RoundChoice(bool(speculate), gamma, draft_gamma, bool(probe))
+
+    def verify_one(self, token: int, q: torch.Tensor, p: torch.Tensor) -> tuple[bool, int]:
+        """(accepted, token to emit): one proposal ~ q [V] checked against p [V], no bonus draw (rank 0's)."""
+        ok, tok = verify_one(token, q, p, self.generator)
+        ok_i, tok = agree_ints((int(ok), tok))
+        return bool(ok_i), tok

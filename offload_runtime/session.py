@@ -20,6 +20,7 @@ from .caches.retrieval import RetrievalCache
 from .context import ContextCaches, ProgressCallback
 from .model import CausalLM
 from .adaptive import policy_for
+from .pipelined import PipelinedSpeculator
 from .policy import RoundChoice, RoundOutcome, RoundPolicy
 from .request import GenerationResult, TokenCallback, check_request, stop_index
 from .sampler import Sampler
@@ -77,6 +78,12 @@ class Session:
         """Tokens this session can hold: the model's context, or the planned size of a fixed cache."""
         return self.caches.max_tokens
 
+    @property
+    def pipelined(self) -> bool:
+        """Pipelined rounds (pipelined.py): --pipeline on, or auto with a host-resident full cache."""
+        setting = self.settings.pipeline
+        return setting == "on" or (setting == "auto" and getattr(self.full, "offloaded_layers", 0) > 0)
+
     def use(self, mode: Mode, draft: CausalLM | None = None) -> None:
         """Switch how the next answers are generated; the caches stay (a benchmark prefills once)."""
         self.mode = mode
@@ -84,7 +91,10 @@ class Session:
         self.caches.use_retrieval(triforce)  # no L2 work while decoding autoregressively
         self.l1 = DraftLevel(draft, self.settings, self.sampler, self.stats, self.target.cfg.vocab_size) \
             if draft is not None and triforce else None
-        self.speculator = Speculator(self.caches, self.l1, self.sampler, self.stats) if triforce else None
+        self.speculator = None
+        if triforce:
+            kind = PipelinedSpeculator if self.pipelined else Speculator
+            self.speculator = kind(self.caches, self.l1, self.sampler, self.stats)
         if self.fixed_policy:  # (fresh estimates: the costs of another mode or draft say nothing of these)
             self.policy = policy_for(self.settings, self.l1 is not None, speculate=triforce)
 

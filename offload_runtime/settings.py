@@ -20,11 +20,14 @@ class EngineSettings:
     window: int = 256  # StreamingLLM total cache rows (L1)
     refresh_every: int = 0  # rebuild the retrieval selection every N L3 passes (0: never)
     refresh_below: float = 0.0  # ... or when L3's acceptance of L2 over the last REFRESH_WINDOW passes is below this
+    pipeline: str = "off"  # draft the next round during the L3 pass: on, off, auto (on when the cache is offloaded)
 
     def __post_init__(self) -> None:
         if self.refresh_every < 0 or not 0 <= self.refresh_below <= 1:
             raise UserError(f"--refresh-every must be >= 0 and --refresh-below in [0, 1], got "
                             f"{self.refresh_every}, {self.refresh_below}")
+        if self.pipeline not in ("on", "off", "auto"):
+            raise UserError(f"--pipeline must be on, off or auto, got {self.pipeline!r}")
         if self.chunk_size <= 0:
             raise UserError(f"--chunk-size must be positive, got {self.chunk_size}")
         if (self.gamma or 1) <= 0 or (self.draft_gamma or 1) <= 0:

@@ -51,3 +51,12 @@ def verify(tokens: list[int], q: torch.Tensor, p: torch.Tensor, generator: torch
     t = torch.tensor([tokens], dtype=torch.long, device=p.device).reshape(1, len(tokens))
     n, nxt = speculative_accept(t, q[None], p[None], generator)
     return int(n[0]), int(nxt[0])
+
+
+def verify_one(token: int, q: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None = None) -> tuple[bool, int]:
+    """One proposal token ~ q [V] against the verifier's p [V], with no bonus draw: (accepted, the token
+    to emit: `token`, or a draw from the residual norm(max(p - q, 0)) after a rejection)."""
+    u = torch.rand((), generator=generator, device=p.device)
+    if u * q[token] < p[token]:
+        return True, token
+    return False, int(sample(residual(p[None], q[None]), generator)[0])

@@ -11,6 +11,8 @@ class Stats:
         self.l2_forwards = self.l1_forwards = self.l1_proposed = self.l1_accepted = 0
         self.l2_rows = self.l1_rejections = 0  # L2 query rows; L2 checks stopped by a rejection (adaptive.py)
         self.prefilled_tokens = self.prefills = self.retrieval_builds = 0
+        self.predraft_steps = self.predraft_used = self.predraft_dropped = 0  # pipelined rounds
+        self.rounds_all_accepted = 0  # rounds whose every proposal L3 accepted (a pre-draft is used only then)
         self.time = {"l1": 0.0, "l2": 0.0, "l3": 0.0, "prefill": 0.0}
 
     def snapshot(self) -> dict:
@@ -39,6 +41,10 @@ class Stats:
             "prefilled_tokens": self.prefilled_tokens,
             "prefills": self.prefills,
             "retrieval_builds": self.retrieval_builds,
+            "rounds_all_accepted": self.rounds_all_accepted,
+            "draft_steps_overlapped": self.predraft_steps,
+            "predrafted_tokens_used": self.predraft_used,
+            "predrafted_tokens_dropped": self.predraft_dropped,
         }
 
 

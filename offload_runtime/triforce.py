@@ -158,6 +158,7 @@ class Speculator:
         stats.l3_passes += 1
         stats.l3_proposed += len(drafted)
         stats.l3_accepted += n
+        stats.rounds_all_accepted += n == len(drafted)
         stats.emitted_in_rounds += len(take)
         caches.keep(base, keep)  # the L3 pass computed the true K/V of these rows
         if self.refresh.due(stats.l3_passes, n, len(drafted)):
@@ -167,35 +168,57 @@ class Speculator:
 
     def _draft_l2(self, gamma: int, draft_gamma: int) -> tuple[list[int], torch.Tensor]:
         """gamma tokens sampled (losslessly) from L2, and L2's distribution at each, [gamma, V]."""
-        retrieval, dev, context = self.caches.retrieval, self.target.device, self.caches.tokens
-        tokens: list[int] = []
-        dists: list[torch.Tensor] = []
-        last = context[-1]  # next token to feed L2; the retrieval cache holds everything before it
         if self.l1 is not None:
             self.l1.span = max(self.l1.span, gamma + draft_gamma)
-        while len(tokens) < gamma:
-            if self.l1 is None or draft_gamma <= 0:  # L2 drafts alone (no draft model, or L1 off this round)
-                dist = self.sampler.distribution(self.target(torch.tensor([last], device=dev), retrieval)[-1])
-                self.stats.l2_forwards += 1
-                self.stats.l2_rows += 1
-                last = self.sampler.draw(dist)
-                tokens.append(last)
-                dists.append(dist)
-                continue
-            with timed(self.stats, "l1"):
-                proposals, q1 = self.l1.propose(context + tokens, min(draft_gamma, gamma - len(tokens)))
-            start = retrieval.length
-            q2 = self.sampler.distribution(self.target(torch.tensor([last] + proposals, device=dev), retrieval))
-            self.stats.l2_forwards += 1
-            self.stats.l2_rows += 1 + len(proposals)
-            m, nxt = self.sampler.verify(proposals, q1, q2)
-            self.stats.l1_proposed += len(proposals)
-            self.stats.l1_accepted += m
-            self.stats.l1_rejections += int(m < len(proposals))
-            retrieval.truncate(start + 1 + m)
-            tokens.extend(proposals[:m] + [nxt])
-            dists.extend(q2[: m + 1])
-            last = nxt
-        if not dists:
-            return [], torch.empty(0, self.target.cfg.vocab_size, device=dev)
-        return tokens[:gamma], torch.stack(dists[:gamma])
+        chain = DraftChain(self, self.caches.tokens, draft_gamma)
+        while len(chain.tokens) < gamma:
+            chain.step(gamma)
+        return chain.head(gamma)
+
+
+class DraftChain:
+    """L2's proposals (helped by L1) continuing `context`: each token with the distribution it was
+    drawn from. The retrieval cache holds the context and every proposal but the last (`last` is
+    the next token to feed), so a chain can be continued later, step by step."""
+
+    def __init__(self, spec: Speculator, context: list[int], draft_gamma: int,
+                 tokens: list[int] | None = None, dists: list[torch.Tensor] | None = None) -> None:
+        self.spec, self.context, self.draft_gamma = spec, context, draft_gamma
+        self.tokens: list[int] = tokens or []
+        self.dists: list[torch.Tensor] = dists or []
+
+    @property
+    def last(self) -> int:
+        return self.tokens[-1] if self.tokens else self.context[-1]
+
+    def step(self, want: int) -> None:
+        """One L2 forward: one more token (L2 alone) or L1's accepted proposals and one more (up to `want`)."""
+        spec, dev = self.spec, self.spec.target.device
+        retrieval, sampler, stats = spec.caches.retrieval, spec.sampler, spec.stats
+        if spec.l1 is None or self.draft_gamma <= 0:  # L2 drafts alone (no draft model, or L1 off this round)
+            dist = sampler.distribution(spec.target(torch.tensor([self.last], device=dev), retrieval)[-1])
+            stats.l2_forwards += 1
+            stats.l2_rows += 1
+            self.tokens.append(sampler.draw(dist))
+            self.dists.append(dist)
+            return
+        with timed(stats, "l1"):
+            proposals, q1 = spec.l1.propose(self.context + self.tokens,
+                                            max(1, min(self.draft_gamma, want - len(self.tokens))))
+        start = retrieval.length
+        q2 = sampler.distribution(spec.target(torch.tensor([self.last] + proposals, device=dev), retrieval))
+        stats.l2_forwards += 1
+        stats.l2_rows += 1 + len(proposals)
+        m, nxt = sampler.verify(proposals, q1, q2)
+        stats.l1_proposed += len(proposals)
+        stats.l1_accepted += m
+        stats.l1_rejections += int(m < len(proposals))
+        retrieval.truncate(start + 1 + m)
+        self.tokens.extend(proposals[:m] + [nxt])
+        self.dists.extend(q2[: m + 1])
+
+    def head(self, n: int) -> tuple[list[int], torch.Tensor]:
+        """The first n proposals and their distributions [n, V]."""
+        if not self.dists or n == 0:
+            return [], torch.empty(0, self.spec.target.cfg.vocab_size, device=self.spec.target.device)
+        return self.tokens[:n], torch.stack(self.dists[:n])

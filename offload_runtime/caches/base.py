@@ -99,6 +99,10 @@ class FullKVCache(KVCache):
         """K, V buffers [Hkv, capacity, D] of `layer` with rows [0, length) in place, for writing rows
         [length, length + n_new); close_layer ends the access. Layer 0 starts a pass."""
 
+    def layer_ready(self, layer: int, n_new: int) -> bool:
+        """Would open_layer(layer) run without waiting for a copy? (never blocks; on-device caches: always)"""
+        return True
+
     @abstractmethod
     def close_layer(self, layer: int, start: int, stop: int) -> None:
         """Rows [start, stop) of `layer` are final."""

@@ -47,6 +47,7 @@ class OffloadedCache(FullKVCache):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.capacity, self.on_chip_layers = capacity, on_chip_layers
         self.length = 0
+        self._pass_begun = False  # layer_ready(0) started the next pass's copies
         self.backend = backend if backend is not None else make_backend(self.device)
         self.link_gbps = link_gbps
         row = (2, cfg.num_kv_heads, cfg.head_dim)
@@ -78,17 +79,26 @@ class OffloadedCache(FullKVCache):
         """Host-to-device bytes of one pass over a cache of `length` rows: the offloaded layers' K/V."""
         return self.offloaded_layers * length * kv_row_bytes(self.cfg, self.dtype)
 
-    def _check_capacity(self, end: int) -> None:
-        if end > self.capacity:
-            raise UserError(f"context of {end} tokens is longer than the {self.capacity} tokens the cache "
-                            f"was planned for (--max-context)")
+    def _begin_pass(self, n_new: int) -> None:
+        """Layer 0 starts a pass, once (layer_ready(0) may start it before open_layer(0))."""
+        if not self._pass_begun:
+            if self.length + n_new > self.capacity:
+                raise UserError(f"context of {self.length + n_new} tokens is longer than the {self.capacity} "
+                                f"tokens the cache was planned for (--max-context)")
+            if self.pipeline is not None:
+                self.pipeline.begin_pass(self.length)
+        self._pass_begun = True
+
+    def layer_ready(self, layer: int, n_new: int) -> bool:
+        if layer == 0:
+            self._begin_pass(n_new)
+        return layer < self.on_chip_layers or self.pipeline.ready_now(layer - self.on_chip_layers)
 
     def open_layer(self, layer: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Device views (an on-chip buffer, or the slab the layer was streamed into)."""
         if layer == 0:
-            self._check_capacity(self.length + n_new)
-            if self.pipeline is not None:
-                self.pipeline.begin_pass(self.length)
+            self._begin_pass(n_new)
+            self._pass_begun = False  # the next layer 0 starts the next pass
         self._new[layer] = None  # rows at and after `length` are being rewritten
         if layer < self.on_chip_layers:
             buf = self.on_chip[layer]
@@ -131,7 +141,7 @@ class OffloadedCache(FullKVCache):
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} rows to {length}")
-        self.length = length
+        self.length, self._pass_begun = length, False  # (a stepped pass abandoned before layer 0: restart)
 
     # -- reports ------------------------------------------------------------------------------------
     def begin_prefill(self) -> None:

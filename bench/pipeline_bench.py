@@ -1,0 +1,158 @@
+"""Pipelined speculation (`--pipeline on`) against unpipelined rounds over an EMULATED link.
+
+Per round, unpipelined: draft (gamma L2 steps) + L3 pass (the cache crosses the link). Pipelined:
+the next round is drafted while the pass waits for slabs, so with every token accepted a round
+costs ~max(link, draft + pass compute) instead of draft + max(link, pass compute) (here the
+host thread both drafts and computes the pass; on a GPU the compute stream does both): the gain
+is bounded by (link + draft) / max(link, draft), 2x at link == draft, ~1x when either dominates.
+The bench puts itself in that regime on purpose: it measures a round's draft and a pass's
+compute, then sets the emulated link so one pass's bytes take `--link-over-draft` x their sum. Budget >= context (L2
+holds everything: every token is accepted); the same session runs off and on alternately
+(`--repeats`, medians), tokens compared. Then a PROJECTION through the cost model with the
+acceptance measured on the trained stories260K pair (rounds whose every token is accepted, the
+only ones whose pre-draft is used). Everything here is EMULATED (the 'GPU' is this CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .link_bench import Clock, log
+from .models import SHAPES, build_pair
+from .offload_bench import RESULTS, machine_info, make_prompt
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.pipeline_bench", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--synthetic", default="small", choices=sorted(SHAPES), help="synthetic target shape")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--gamma", type=int, default=16)
+    p.add_argument("--link-over-draft", type=float, default=1.0, help="one pass's link time / (a round's draft + a pass's compute)")
+    p.add_argument("--new-tokens", type=int, default=120,
+                   help="tokens per run (7 rounds of gamma + 1 at gamma 16; the first is not pipelined)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--slabs", type=int, default=4, help="device slabs the pass streams the layers through")
+    p.add_argument("--out", default=str(RESULTS))
+    return p.parse_args(argv)
+
+
+def make_session(target: Any, args: argparse.Namespace, link_gbps: float) -> Any:
+    from offload_runtime.caches.offloaded import OffloadedCache
+    from offload_runtime.cuda_streams import make_backend
+    from offload_runtime.engine import EngineSettings, Session
+    from offload_runtime.sampling import SamplingParams
+
+    capacity = args.context + 2 * (args.new_tokens + args.gamma + 2)
+    settings = EngineSettings(budget=-(-capacity // 8) * 8, chunk_size=8, gamma=args.gamma)
+    cache = OffloadedCache(target.cfg, "cpu", target.dtype, capacity, 0,
+                           backend=make_backend("cpu", link_gbps=link_gbps), n_slabs=args.slabs, link_gbps=link_gbps)
+    session = Session(target, None, SamplingParams(0.0), [], settings, None, "triforce", cache=cache)
+    session.extend(make_prompt(args.context, target.cfg.vocab_size, None))
+    return session
+
+
+def run(session: Any, pipeline: str, args: argparse.Namespace) -> dict:
+    session.truncate(args.context)
+    session.settings = dataclasses.replace(session.settings, pipeline=pipeline)
+    session.caches.settings = session.settings
+    session.use("triforce")
+    clock = Clock(session.full.backend.collect)
+    result = session.generate(args.new_tokens, clock)
+    return {"s_per_token": clock.s_per_token(), "tokens": result.token_ids, "stats": dict(result.stats)}
+
+
+def calibrated_session(target: Any, args: argparse.Namespace) -> tuple[Any, float, float]:
+    """A session whose emulated link moves one pass's bytes in --link-over-draft x (a round's draft +
+    a pass's compute), both measured just before on a fast link: on this CPU the pass's compute and
+    the drafting share the host thread, so only the link's time can hide the drafting."""
+    probe = make_session(target, args, 1000.0)
+    s = run(probe, "off", args)["stats"]
+    draft, compute = s["time_l2_s"] / s["l3_passes"], s["time_l3_s"] / s["l3_passes"]
+    pass_bytes = probe.full.bytes_per_pass(args.context)
+    link = pass_bytes / (args.link_over_draft * (draft + compute)) / 1e9
+    log(f"draft {draft * 1e3:.0f} ms/round, pass compute {compute * 1e3:.0f} ms; EMULATED link {link:.3f} GB/s: "
+        f"{pass_bytes / 1e6:.1f} MB/pass in {args.link_over_draft * (draft + compute) * 1e3:.0f} ms")
+    return make_session(target, args, link), link, draft
+
+
+def trained_all_accepted(gamma: int, share: int = 8) -> dict:
+    """stories260K, 2 levels at 1/share of its story: share of rounds with every proposal accepted."""
+    from offload_runtime import loading, trained
+    from offload_runtime.engine import EngineSettings, generate_triforce
+    from offload_runtime.sampling import SamplingParams
+
+    target = loading.load(str(trained.TARGET), torch.device("cpu"), "float32")
+    ids = target.tokenizer(trained.story_prompt())["input_ids"]
+    budget = max(16, len(ids) // share // 8 * 8)
+    n_new = target.model.cfg.max_position_embeddings - len(ids) - gamma - 1
+    with trained.one_thread():
+        s = generate_triforce(target.model, None, ids, n_new, SamplingParams(), [],
+                              EngineSettings(budget=budget, chunk_size=8, gamma=gamma)).stats
+    return {"budget": budget, "prompt_tokens": len(ids), "rounds": s["l3_passes"],
+            "all_accepted_share": s["rounds_all_accepted"] / s["l3_passes"],
+            "acceptance": s["l3_acceptance_of_l2"], "accepted_per_pass": s["mean_accepted_per_pass"]}
+
+
+def projection(off: dict, acc: dict) -> dict:
+    """COST MODEL: unpipelined round = draft + pass; pipelined = max(pass, draft) (the next round's
+    drafting hidden under this pass), plus a draft on the critical path when the previous round's
+    pre-draft was not used (not every token accepted, or x1 rejected: P = 1 - all * acceptance)."""
+    s = off["stats"]
+    draft = s["time_l2_s"] / s["l3_passes"]
+    l3 = s["time_l3_s"] / s["l3_passes"]
+    used = acc["all_accepted_share"] * acc["acceptance"]
+    off_round, on_round = draft + l3, max(l3, draft) + (1 - used) * draft
+    return {"draft_per_round_s": draft, "l3_pass_s": l3, "predraft_used_share": used,
+            "off_s_per_token": off_round / acc["accepted_per_pass"], "on_s_per_token": on_round / acc["accepted_per_pass"],
+            "gain": off_round / on_round}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _, target = build_pair(SHAPES[args.synthetic], torch.device("cpu"), torch.float32)
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    links = []
+    for _ in range(args.repeats):  # (re)calibrated each repeat: this machine's speed drifts under load
+        session, link, draft = calibrated_session(target, args)
+        links.append(link)
+        for mode in ("off", "on"):
+            runs[mode].append(run(session, mode, args))
+            log(f"--pipeline {mode}: {runs[mode][-1]['s_per_token']:.4f} s/token")
+    med = {m: statistics.median(r["s_per_token"] for r in rs) for m, rs in runs.items()}
+    same = all(r["tokens"] == runs["off"][0]["tokens"] for rs in runs.values() for r in rs)
+    on_stats = runs["on"][-1]["stats"]
+    acc = trained_all_accepted(args.gamma)
+    proj = projection(runs["off"][-1], acc)
+    result = {"benchmark": "pipeline_bench (EMULATED link on a CPU)", "machine": machine_info(torch.device("cpu")),
+              "settings": vars(args), "emulated_link_gbps": links,
+              "s_per_token": med, "gain": med["off"] / med["on"], "identical_tokens": same,
+              "bound": "(link + draft) / max(link, draft)",
+              "pipelined_stats": {k: on_stats[k] for k in ("draft_steps_overlapped", "predrafted_tokens_used",
+                                                          "predrafted_tokens_dropped", "mean_accepted_per_pass")},
+              "trained_acceptance": acc, "projection": proj}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"pipeline_bench_{args.synthetic}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print(f"| EMULATED link {statistics.median(links):.3f} GB/s (median), {args.synthetic} @ {args.context}, gamma {args.gamma} | s/token | gain |")
+    print("|---|---|---|")
+    print(f"| --pipeline off, budget >= context (measured) | {med['off']:.4f} | 1.00x |")
+    print(f"| --pipeline on, budget >= context (measured) | {med['on']:.4f} | {med['off'] / med['on']:.2f}x "
+          f", tokens identical: {'yes' if same else 'NO'} |")
+    print(f"| off, stories260K acceptance (PROJECTION) | {proj['off_s_per_token']:.4f} | 1.00x |")
+    print(f"| on, stories260K acceptance (PROJECTION) | {proj['on_s_per_token']:.4f} | {proj['gain']:.2f}x "
+          f"(pre-draft used in {proj['predraft_used_share']:.0%} of rounds) |")
+    log(f"wrote {path}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

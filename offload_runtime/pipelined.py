@@ -1,0 +1,124 @@
+"""Pipelined TriForce rounds: L2 (with L1) drafts round k+1 while round k's L3 pass streams the cache.
+
+The L3 pass runs as steps (`CausalLM.forward_steps`): before a layer whose K/V slab has not
+arrived yet it hands control back, and the round does one draft step of the *pre-draft*:
+L2 continues its chain past round k's last proposal as if all of round k were accepted.
+When no draft work is left the pass waits for the copy as an unpipelined one does. The
+same code runs on every backend: only the "is this copy done?" query differs.
+
+The verdict (docs/ARCHITECTURE.md, "Pipelined speculation", has the argument that the
+output keeps the target's distribution):
+- every proposal of round k accepted: the pre-draft's first token x1 ~ q1 takes the place
+  of the bonus token; it is verified against p, the target's distribution the pass already
+  computed at that position (accept with min(1, p/q1), else emit a draw from
+  norm(max(p - q1, 0)) and drop the rest). Accepted, the rest of the pre-draft (each
+  token with its q) is carried to round k+1 as the head of its proposals (PEARL's post-verify);
+- otherwise the pre-draft is dropped: the retrieval cache is cut back as after any round,
+  L1 rolls itself back to the context at its next proposal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Generator
+
+import torch
+
+from .request import stop_index
+from .stats import timed
+from .triforce import DraftChain, Speculator
+
+
+@dataclass
+class Carry:
+    """Pre-drafted proposals accepted into the next round, and the cache state they are valid for."""
+    tokens: list[int]
+    dists: list[torch.Tensor]
+    context_len: int  # the context they continue (its newest token is the accepted x1)
+    full_len: int  # full cache and retrieval cache length after the round's verdict
+    retrieval_len: int  # the retrieval cache's length with the pre-draft's rows (restored on use)
+    builds: int  # retrieval selections built so far (a rebuild invalidates the rows)
+
+
+def drive(steps: Generator[None, bool, torch.Tensor], work: Callable[[], bool]) -> torch.Tensor:
+    """Run a stepped pass; each time it waits for a copy do one unit of `work` (False: none left),
+    then let it check again; with no work left it blocks on the copy. Returns the pass's value."""
+    try:
+        next(steps)
+        while True:
+            steps.send(not work())
+    except StopIteration as done:
+        return done.value
+
+
+class PipelinedSpeculator(Speculator):
+    """A Speculator whose rounds overlap the next round's drafting with the L3 pass."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.carry: Carry | None = None
+
+    def _resume(self, draft_gamma: int) -> DraftChain:
+        """The chain this round starts from: the carried pre-draft when the caches are as it left them."""
+        carry, self.carry = self.carry, None
+        caches = self.caches
+        if carry is not None and carry.context_len == len(caches.tokens) and carry.full_len == caches.full.length \
+                and caches.retrieval.length == carry.full_len and carry.builds == self.stats.retrieval_builds:
+            caches.retrieval.length = carry.retrieval_len  # its rows past the verdict are still in place
+            self.stats.predraft_used += len(carry.tokens)
+            return DraftChain(self, caches.tokens, draft_gamma, carry.tokens, carry.dists)
+        if carry is not None:
+            self.stats.predraft_dropped += len(carry.tokens)
+        return DraftChain(self, caches.tokens, draft_gamma)
+
+    def round(self, gamma: int, draft_gamma: int, budget: int, eos_ids: list[int]) -> list[int]:
+        caches, stats = self.caches, self.stats
+        gamma = min(gamma, budget - 1)
+        base = caches.full.length
+        if self.l1 is not None:  # a rollback reaches over this round and the pre-draft
+            self.l1.span = max(self.l1.span, 2 * (gamma + draft_gamma) + 1)
+        with timed(stats, "l2"):
+            chain = self._resume(draft_gamma)
+            while len(chain.tokens) < gamma:
+                chain.step(gamma)
+            drafted, q = chain.head(gamma)
+            caches.retrieval.truncate(base + gamma)  # holds the context and drafted[:-1]: continue from drafted[-1]
+        pre = DraftChain(self, caches.tokens + drafted, draft_gamma)
+        want = max(1, min(gamma + 1, budget - gamma - 1))  # x1, then up to a full next round
+
+        def predraft() -> bool:
+            if len(pre.tokens) >= want:
+                return False
+            pre.step(want)
+            stats.predraft_steps += 1
+            return True
+
+        with timed(stats, "l3"):
+            tokens = torch.tensor(caches.tokens[-1:] + drafted, device=self.target.device)
+            p = self.sampler.distribution(drive(self.target.forward_steps(tokens, caches.full), predraft))
+            n, nxt = self.sampler.verify(drafted, q, p)
+        x1_ok = False
+        if n == len(drafted) and pre.tokens:  # every proposal accepted: x1 replaces the bonus draw
+            x1_ok, nxt = self.sampler.verify_one(pre.tokens[0], pre.dists[0], p[n])
+            stats.predraft_used += 1
+            stats.l3_proposed += 1
+            stats.l3_accepted += int(x1_ok)
+        block = drafted[:n] + [nxt]
+        take = block[: stop_index(block, eos_ids, budget)]
+        keep = base + len(take)
+        stats.l3_passes += 1
+        stats.l3_proposed += len(drafted)
+        stats.l3_accepted += n
+        stats.rounds_all_accepted += n == len(drafted)
+        stats.emitted_in_rounds += len(take)
+        rows = caches.retrieval.length  # the pre-draft's rows end here
+        caches.keep(base, keep)
+        refreshed = self.refresh.due(stats.l3_passes, n, len(drafted))
+        if refreshed:
+            caches.select(keep, len(take) - 1 - (len(drafted) + 1))
+        rest = len(pre.tokens) - int(n == len(drafted) and bool(pre.tokens))  # all but a verified x1
+        if x1_ok and len(take) == len(block) and not refreshed and rest:
+            self.carry = Carry(pre.tokens[1:], pre.dists[1:], len(caches.tokens) + len(take), keep, rows,
+                               stats.retrieval_builds)
+        else:
+            stats.predraft_dropped += rest
+        return take

@@ -1,0 +1,145 @@
+"""Pipelined rounds (pipelined.py): lossless at temperature 0 in every mode (tokens equal transformers'
+via autoregressive decoding), on an emulated link with real overlap, and sampled frequencies equal the
+target's exact marginals where the pre-draft replaces the bonus token and is post-verified."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_engine import GREEDY, _chi2, _tiny_vocab_model, load
+from transformers import AutoModelForCausalLM
+
+from offload_runtime.caches import FullCache
+from offload_runtime.caches.offloaded import OffloadedCache
+from offload_runtime.cuda_streams import EmulatedLinkBackend
+from offload_runtime.engine import EngineSettings, Session, generate_triforce
+from offload_runtime.errors import UserError
+from offload_runtime.generate import generate_autoregressive
+from offload_runtime.sampler import Sampler
+from offload_runtime.sampling import SamplingParams
+
+
+@pytest.fixture
+def slabs_never_ready(monkeypatch):
+    """Every layer reports its copy pending: each L3 pass pre-drafts all it may (deterministic)."""
+    monkeypatch.setattr(FullCache, "layer_ready", lambda self, layer, n: False)
+    monkeypatch.setattr(OffloadedCache, "layer_ready", lambda self, layer, n: False)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer, long_text):
+    return tokenizer(long_text)["input_ids"][:301]
+
+
+def pipelined(s: EngineSettings) -> EngineSettings:
+    return EngineSettings(**{**vars(s), "pipeline": "on"})
+
+
+SETTINGS = [
+    EngineSettings(budget=48, chunk_size=8, gamma=4, draft_gamma=3, sinks=4, window=40),  # budget << prompt
+    EngineSettings(budget=30, chunk_size=7, gamma=3, draft_gamma=2, sinks=2, window=24),  # generation > budget
+    EngineSettings(budget=1024, chunk_size=16, gamma=5, draft_gamma=4, sinks=4, window=64),  # budget >= prompt
+]
+
+
+def test_greedy_equals_transformers_with_the_pipeline(checkpoint, prompt_ids, slabs_never_ready):
+    path = checkpoint("llama", num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2)
+    target = load(path)
+    draft = load(checkpoint("llama", seed=11, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                            num_key_value_heads=1))
+    n_new = 30
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = ref.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n_new)[0, len(prompt_ids):]
+    assert generate_autoregressive(target, prompt_ids, n_new, GREEDY, []).token_ids == hf.tolist()
+    modes = [(SETTINGS[0], None), (SETTINGS[0], draft), (SETTINGS[1], draft), (SETTINGS[2], target)]
+    for s, d in modes:  # two levels, a small draft, the target as its own draft; budget < and >= prompt
+        got = generate_triforce(target, d, prompt_ids, n_new, GREEDY, [], pipelined(s))
+        assert got.token_ids == hf.tolist(), (s, d is None)
+        assert got.stats["draft_steps_overlapped"] > 0
+        assert got.stats["predrafted_tokens_used"] + got.stats["predrafted_tokens_dropped"] > 0
+    full = generate_triforce(target, None, prompt_ids, n_new, GREEDY, [], pipelined(SETTINGS[2]))
+    assert full.stats["predrafted_tokens_used"] > 0 and full.stats["predrafted_tokens_dropped"] == 0
+
+
+def test_emulated_link_overlaps_and_keeps_tokens(checkpoint, prompt_ids):
+    """Real overlap: the copy engine streams slabs while the host thread drafts; tokens unchanged,
+    the EOS and max-new-tokens cuts inside a block included."""
+    target = load(checkpoint("llama", num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2))
+    ar = generate_autoregressive(target, prompt_ids, 30, GREEDY, []).token_ids
+    for n_new, eos in ((30, []), (30, [ar[11]]), (9, [])):
+        cache = OffloadedCache(target.cfg, "cpu", torch.float32, 400, 0,
+                               backend=EmulatedLinkBackend("cpu", link_gbps=0.02))
+        got = generate_triforce(target, None, prompt_ids, n_new, GREEDY, eos, pipelined(SETTINGS[2]), cache=cache)
+        want = ar[:n_new] if not eos else ar[: ar.index(eos[0]) + 1]
+        assert got.token_ids == want
+        assert got.stats["draft_steps_overlapped"] > 0
+
+
+def test_pipeline_flag_is_checked():
+    with pytest.raises(UserError, match="--pipeline"):
+        EngineSettings(pipeline="sometimes")
+
+
+def test_verify_one_is_speculative_sampling():
+    """One proposal ~ q checked against p: the emitted token is distributed as p (exact, by enumeration)."""
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    q = torch.tensor([0.1, 0.6, 0.1, 0.2])
+    sampler = Sampler(SamplingParams(1.0), torch.Generator().manual_seed(0))
+    counts = torch.zeros(4)
+    draws = torch.multinomial(q, 20000, replacement=True, generator=torch.Generator().manual_seed(1))
+    for x in draws.tolist():
+        counts[sampler.verify_one(x, q, p)[1]] += 1
+    stat, dof = _chi2(counts, p)
+    assert stat < dof + 8 * math.sqrt(2 * dof)
+
+
+def _marginals(target, prompt, vocab):
+    """Exact marginals of the 2nd, 3rd and 4th generated tokens under the target (temperature 1)."""
+    def dist(tokens):
+        return torch.softmax(target(torch.tensor(tokens), FullCache(target.cfg, "cpu", torch.float32))[-1], -1)
+
+    joint = dist(prompt)[:, None] * torch.stack([dist(prompt + [a]) for a in range(vocab)])  # [a, b]
+    p3 = torch.zeros(vocab, vocab)  # [b, c]
+    p4 = torch.zeros(vocab)
+    for a in range(vocab):
+        for b in range(vocab):
+            pc = joint[a, b] * dist(prompt + [a, b])
+            p3[b] += pc
+            p4 += sum(pc[c] * dist(prompt + [a, b, c]) for c in range(vocab))
+    return joint.sum(0), p3.sum(0), p4
+
+
+def test_sampled_frequencies_match_target_with_the_pipeline(tmp_path, monkeypatch, slabs_never_ready):
+    """Temperature 1, three levels, budget < prompt, gamma 1, 5 tokens: the 2nd is an ordinary
+    verified proposal, the 3rd is the pre-draft's x1 in place of the bonus token, the 4th a carried
+    pre-drafted token verified by the next pass. All three follow the target's exact marginals; with
+    x1 accepted unverified (sabotage) the 3rd does not."""
+    vocab = 6
+    target = _tiny_vocab_model(tmp_path, 1, vocab, eos_token_id=None, bos_token_id=None)
+    draft = _tiny_vocab_model(tmp_path, 2, vocab, eos_token_id=None, bos_token_id=None, num_hidden_layers=1)
+    prompt = torch.randint(0, vocab, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    marginals = _marginals(target, prompt, vocab)
+    settings = EngineSettings(budget=8, chunk_size=4, gamma=1, draft_gamma=1, sinks=2, window=12, pipeline="on")
+
+    def frequencies(runs):  # one session, cut back to the prompt before each answer (one prefill)
+        session = Session(target, draft, SamplingParams(1.0), [], settings, torch.Generator().manual_seed(1),
+                          capacity=len(prompt) + 16)
+        session.extend(prompt)
+        counts = torch.zeros(3, vocab)
+        for _ in range(runs):
+            session.truncate(len(prompt))
+            out = session.generate(5)
+            for i in range(3):
+                counts[i, out.token_ids[i + 1]] += 1
+        return counts, out.stats
+
+    counts, stats = frequencies(1200)
+    assert stats["predrafted_tokens_used"] >= 1
+    for i in range(3):
+        stat, dof = _chi2(counts[i], marginals[i])
+        assert stat < dof + 8 * math.sqrt(2 * dof), (i, stat, dof)
+    monkeypatch.setattr(Sampler, "verify_one", lambda self, x, q, p: (True, x))
+    counts, _ = frequencies(800)
+    stat, dof = _chi2(counts[1], marginals[1])
+    assert stat > dof + 8 * math.sqrt(2 * dof), (stat, dof)
