@@ -134,12 +134,12 @@ def test_sampled_frequencies_match_target_with_the_pipeline(tmp_path, monkeypatc
                 counts[i, out.token_ids[i + 1]] += 1
         return counts, out.stats
 
-    counts, stats = frequencies(1200)
+    counts, stats = frequencies(600)
     assert stats["predrafted_tokens_used"] >= 1
     for i in range(3):
         stat, dof = _chi2(counts[i], marginals[i])
         assert stat < dof + 8 * math.sqrt(2 * dof), (i, stat, dof)
     monkeypatch.setattr(Sampler, "verify_one", lambda self, x, q, p: (True, x))
-    counts, _ = frequencies(800)
+    counts, _ = frequencies(400)
     stat, dof = _chi2(counts[1], marginals[1])
     assert stat > dof + 8 * math.sqrt(2 * dof), (stat, dof)
