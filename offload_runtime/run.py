@@ -64,6 +64,16 @@ def build_parser(prog: str = "python -m offload_runtime.run", description: str |
     g.add_argument("--pipeline", choices=["on", "off", "auto"], default="auto",
                    help="draft the next round while the L3 pass streams the cache (lossless); auto: on when "
                    "the full cache is offloaded")
+    add_memory_flags(p)
+    if io_flags:
+        g = p.add_argument_group("output")
+        g.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
+        g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, prompt_tokens, stats")
+    return p
+
+
+def add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """The memory and device group: where the weights and the full cache live."""
     g = p.add_argument_group("memory and device")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -78,11 +88,6 @@ def build_parser(prog: str = "python -m offload_runtime.run", description: str |
                    "PCIe link of this many GB/s (a copy-engine thread), to measure the consumer-GPU regime")
     g.add_argument("--max-context", type=int, default=None,
                    help="tokens the full cache is planned and allocated for (default: prompt + --max-new-tokens + gamma + 1)")
-    if io_flags:
-        g = p.add_argument_group("output")
-        g.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
-        g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, prompt_tokens, stats")
-    return p
 
 
 def prompt_text(args: argparse.Namespace) -> str:
