@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from offload_runtime import loading, tp
 from offload_runtime.errors import UserError
 from offload_runtime.run import main
+from offload_runtime.trained import one_thread
 
 BACKEND = os.environ.get("OFFLOAD_TP_BACKEND", "gloo")
 DEVICE = "cuda" if BACKEND == "nccl" else "cpu"
@@ -36,17 +37,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _rank_main(rank: int, world: int, port: int, runs: dict, out_dir: str) -> None:
@@ -134,7 +124,7 @@ def test_tp2_gives_the_tokens_of_tp1(tp_runs, capsys):
         assert rank0["code"] == 0 and rank1["code"] == 0, (name, rank0["stderr"], rank1["stderr"])
         assert rank1["stdout"] == "" and rank1["stderr"] == "", f"{name}: only rank 0 prints"
         got = json.loads(rank0["stdout"])
-        with _one_thread():
+        with one_thread():
             assert main(runs[name]) == 0  # the same command in one process (TP=1)
         want = json.loads(capsys.readouterr().out)
         assert got["token_ids"] == want["token_ids"], name
