@@ -15,7 +15,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
-from .model import CausalLM
+from .model import CausalLM, fuse_projections
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -197,9 +197,11 @@ def load(name: str, device: torch.device, dtype: str = "auto", with_tokenizer: b
     staging = torch.device("cpu") if transform is not None else device
     state = read_state_dict(weight_files(path), staging, torch_dtype)
     model = build_model(cfg, state, staging, torch_dtype)
+    del state  # the model holds the weights now: fusing below then frees each replaced one at once
     if transform is not None:
         transform(model)
         model.to(device)
         model.rope.to(device)
+    fuse_projections(model)
     tokenizer = load_tokenizer(path) if with_tokenizer else None
     return LoadedModel(model, tokenizer, eos_token_ids(path, hf_config, tokenizer), path)

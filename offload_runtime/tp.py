@@ -31,7 +31,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import UserError
-from .model import CausalLM
+from .model import CausalLM, fuse_projections
 
 _owns_group = False  # True when init_from_env created the process group (so shutdown destroys it)
 
@@ -182,4 +182,4 @@ def shard(model: CausalLM, rank: int | None = None, world: int | None = None) ->
     model.cfg = dataclasses.replace(cfg, num_heads=cfg.num_heads // world, num_kv_heads=cfg.num_kv_heads // world,
                                     intermediate_size=cfg.intermediate_size // world)
     model.tp_rank, model.tp_world_size = rank, world  # e.g. for a memory planner sizing per-rank caches
-    return model
+    return fuse_projections(model)  # this rank's q/k/v and gate/up rows, fused again

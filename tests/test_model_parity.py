@@ -68,3 +68,28 @@ def test_logits_are_not_flat(checkpoint, tokenizer, long_text):
     ids = _tokens(tokenizer, long_text, 30)
     probs = torch.softmax(model(torch.tensor(ids), FullCache(model.cfg, "cpu", torch.float32)), -1)
     assert probs.max(-1).values.mean() > 10 / probs.shape[-1]  # far from uniform (1 / vocab)
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "llama-bias"])
+def test_fused_projections_are_views_and_fall_back(case, checkpoint, tokenizer, long_text):
+    """A loaded model's q/k/v and gate/up weights are views of one matrix each (held once); when a
+    weight is replaced the layer goes back to its separate Linears and the logits stay the same."""
+    model_type, overrides = CASES[case]
+    model = loading.load(str(checkpoint(model_type, **overrides)), torch.device("cpu"), with_tokenizer=False).model
+    ids = torch.tensor(_tokens(tokenizer, long_text, 9))
+    fused_logits = model(ids, FullCache(model.cfg, "cpu", torch.float32))
+    for layer in model.model.layers:
+        for fused, linears in ((layer.self_attn.qkv, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                               (layer.mlp.gate_up, [layer.mlp.gate_proj, layer.mlp.up_proj])):
+            assert fused is not None and fused.current()
+            assert fused.weight.shape[0] == sum(lin.weight.shape[0] for lin in linears)
+            assert all(lin.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+                       for lin in linears)
+            assert (fused.bias is not None) == (case == "llama-bias")
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.clone(), requires_grad=False)
+    assert not attn.qkv.current()
+    separate_logits = model(ids, FullCache(model.cfg, "cpu", torch.float32))
+    assert (separate_logits - fused_logits).abs().max().item() < 1e-5
+    attn.k_proj.weight.mul_(1.5)  # the separate Linear really is what runs now
+    assert (model(ids, FullCache(model.cfg, "cpu", torch.float32)) - fused_logits).abs().max().item() > 1e-3
