@@ -5,12 +5,18 @@ the next round is drafted while the pass waits for slabs, so with every token ac
 costs ~max(link, draft + pass compute) instead of draft + max(link, pass compute) (here the
 host thread both drafts and computes the pass; on a GPU the compute stream does both): the gain
 is bounded by (link + draft) / max(link, draft), 2x at link == draft, ~1x when either dominates.
-The bench puts itself in that regime on purpose: it measures a round's draft and a pass's
-compute, then sets the emulated link so one pass's bytes take `--link-over-draft` x their sum. Budget >= context (L2
-holds everything: every token is accepted); the same session runs off and on alternately
-(`--repeats`, medians), tokens compared. Then a PROJECTION through the cost model with the
-acceptance measured on the trained stories260K pair (rounds whose every token is accepted, the
-only ones whose pre-draft is used). Everything here is EMULATED (the 'GPU' is this CPU).
+The link (`--emulate-link`):
+  auto       the miniature RTX 4090 of `python -m bench --emulate-link`: this machine's
+             memory-read GB/s / 40 (a 4090 reads its memory ~40x faster than PCIe 4.0 x16 moves
+             bytes), an MHA model at a context where the K/V outweighs the weights (default)
+  calibrate  the regime where pipelining pays most, on purpose: a round's draft and a pass's
+             compute are measured first, then the link is set so one pass's bytes take
+             `--link-over-draft` x their sum
+  GBPS       a fixed link
+Budget >= context (L2 holds everything: every token is accepted); the same session runs off and
+on alternately (`--repeats`, medians), tokens compared. Then a PROJECTION through the cost model
+with the acceptance measured on the trained stories260K pair (rounds whose every token is
+accepted, the only ones whose pre-draft is used). Everything here is EMULATED (the 'GPU' is this CPU).
 """
 from __future__ import annotations
 
@@ -20,11 +26,11 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from .link_bench import Clock, log
+from .link_bench import RTX4090_MEMORY_OVER_LINK, Clock, log, memory_read_gbps
 from .models import SHAPES, build_pair
 from .offload_bench import RESULTS, machine_info, make_prompt
 
@@ -32,14 +38,19 @@ from .offload_bench import RESULTS, machine_info, make_prompt
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.pipeline_bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--synthetic", default="small", choices=sorted(SHAPES), help="synthetic target shape")
-    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--synthetic", default="mha-220m", choices=sorted(SHAPES), help="synthetic target shape")
+    p.add_argument("--context", type=int, default=8192)
     p.add_argument("--gamma", type=int, default=16)
-    p.add_argument("--link-over-draft", type=float, default=1.0, help="one pass's link time / (a round's draft + a pass's compute)")
+    p.add_argument("--emulate-link", default="auto", metavar="auto|calibrate|GBPS",
+                   help="auto: memory-read GB/s / --link-ratio (the miniature 4090); calibrate: see --link-over-draft")
+    p.add_argument("--link-ratio", type=float, default=RTX4090_MEMORY_OVER_LINK, help="memory / link bandwidth (auto)")
+    p.add_argument("--link-over-draft", type=float, default=1.0,
+                   help="calibrate: one pass's link time / (a round's draft + a pass's compute)")
     p.add_argument("--new-tokens", type=int, default=120,
                    help="tokens per run (7 rounds of gamma + 1 at gamma 16; the first is not pipelined)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--slabs", type=int, default=4, help="device slabs the pass streams the layers through")
+    p.add_argument("--tag", default="", help="suffix of the result file's name")
     p.add_argument("--out", default=str(RESULTS))
     return p.parse_args(argv)
 
@@ -115,43 +126,87 @@ def projection(off: dict, acc: dict) -> dict:
             "gain": off_round / on_round}
 
 
+def link_sessions(target: Any, args: argparse.Namespace) -> Iterator[tuple[Any, float, str]]:
+    """One session per repeat with its emulated link GB/s and how that was set."""
+    mode = args.emulate_link
+    if mode == "calibrate":  # (re)calibrated each repeat: this machine's speed drifts under load
+        for _ in range(args.repeats):
+            session, link, _ = calibrated_session(target, args)
+            yield session, link, f"calibrated: a pass's bytes take {args.link_over_draft:g} x (draft + pass compute)"
+        return
+    if mode == "auto":
+        read = memory_read_gbps()
+        link, how = read / args.link_ratio, f"miniature 4090: memory read {read:.2f} GB/s / {args.link_ratio:.0f}"
+    else:
+        link, how = float(mode), "fixed"
+    log(f"EMULATED link {link:.3f} GB/s ({how})")
+    session = make_session(target, args, link)
+    for _ in range(args.repeats):
+        yield session, link, how
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.emulate_link not in ("auto", "calibrate"):
+        try:
+            assert float(args.emulate_link) > 0
+        except (ValueError, AssertionError):
+            print(f"error: --emulate-link must be auto, calibrate or a positive GB/s, got {args.emulate_link}",
+                  file=sys.stderr)
+            return 2
     _, target = build_pair(SHAPES[args.synthetic], torch.device("cpu"), torch.float32)
     runs: dict[str, list[dict]] = {"off": [], "on": []}
-    links = []
-    for _ in range(args.repeats):  # (re)calibrated each repeat: this machine's speed drifts under load
-        session, link, draft = calibrated_session(target, args)
+    links, how = [], ""
+    for session, link, how in link_sessions(target, args):
         links.append(link)
         for mode in ("off", "on"):
             runs[mode].append(run(session, mode, args))
             log(f"--pipeline {mode}: {runs[mode][-1]['s_per_token']:.4f} s/token")
     med = {m: statistics.median(r["s_per_token"] for r in rs) for m, rs in runs.items()}
     same = all(r["tokens"] == runs["off"][0]["tokens"] for rs in runs.values() for r in rs)
-    on_stats = runs["on"][-1]["stats"]
     acc = trained_all_accepted(args.gamma)
     proj = projection(runs["off"][-1], acc)
     result = {"benchmark": "pipeline_bench (EMULATED link on a CPU)", "machine": machine_info(torch.device("cpu")),
-              "settings": vars(args), "emulated_link_gbps": links,
-              "s_per_token": med, "gain": med["off"] / med["on"], "identical_tokens": same,
-              "bound": "(link + draft) / max(link, draft)",
-              "pipelined_stats": {k: on_stats[k] for k in ("draft_steps_overlapped", "predrafted_tokens_used",
-                                                          "predrafted_tokens_dropped", "mean_accepted_per_pass")},
+              "settings": vars(args), "emulated_link_gbps": links, "link": how,
+              "s_per_token": med, "s_per_token_runs": {m: [r["s_per_token"] for r in rs] for m, rs in runs.items()},
+              "gain": med["off"] / med["on"], "identical_tokens": same,
+              "bound": "(link + draft) / max(link, draft)", "round_phases": round_phases(runs),
+              "pipelined_stats": {k: runs["on"][-1]["stats"][k] for k in (
+                  "draft_steps_overlapped", "predrafted_tokens_used", "predrafted_tokens_dropped", "mean_accepted_per_pass")},
               "trained_acceptance": acc, "projection": proj}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"pipeline_bench_{args.synthetic}.json"
+    path = out / f"pipeline_bench_{args.synthetic}{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(result, indent=1, default=str))
-    print(f"| EMULATED link {statistics.median(links):.3f} GB/s (median), {args.synthetic} @ {args.context}, gamma {args.gamma} | s/token | gain |")
-    print("|---|---|---|")
-    print(f"| --pipeline off, budget >= context (measured) | {med['off']:.4f} | 1.00x |")
-    print(f"| --pipeline on, budget >= context (measured) | {med['on']:.4f} | {med['off'] / med['on']:.2f}x "
-          f", tokens identical: {'yes' if same else 'NO'} |")
-    print(f"| off, stories260K acceptance (PROJECTION) | {proj['off_s_per_token']:.4f} | 1.00x |")
-    print(f"| on, stories260K acceptance (PROJECTION) | {proj['on_s_per_token']:.4f} | {proj['gain']:.2f}x "
-          f"(pre-draft used in {proj['predraft_used_share']:.0%} of rounds) |")
+    print(table(args, result))
     log(f"wrote {path}")
     return 0 if same else 1
+
+
+def round_phases(runs: dict[str, list[dict]]) -> dict:
+    """Per L3 pass, the median over repeats of its drafting and its pass seconds, by mode."""
+    out = {}
+    for mode, rs in runs.items():
+        per = [(r["stats"]["time_l2_s"] / r["stats"]["l3_passes"], r["stats"]["time_l3_s"] / r["stats"]["l3_passes"])
+               for r in rs]
+        out[mode] = {"draft_s_per_pass": statistics.median(d for d, _ in per),
+                     "l3_s_per_pass": statistics.median(p for _, p in per)}
+    return out
+
+
+def table(args: argparse.Namespace, result: dict) -> str:
+    med, proj, same = result["s_per_token"], result["projection"], result["identical_tokens"]
+    link = statistics.median(result["emulated_link_gbps"])
+    return "\n".join([
+        f"| EMULATED link {link:.3f} GB/s ({result['link']}), {args.synthetic} @ {args.context}, gamma {args.gamma} "
+        f"| s/token | gain |",
+        "|---|---|---|",
+        f"| --pipeline off, budget >= context (measured, median of {args.repeats}) | {med['off']:.4f} | 1.00x |",
+        f"| --pipeline on, budget >= context (measured, median of {args.repeats}) | {med['on']:.4f} "
+        f"| {med['off'] / med['on']:.2f}x, tokens identical: {'yes' if same else 'NO'} |",
+        f"| off, stories260K acceptance (PROJECTION) | {proj['off_s_per_token']:.4f} | 1.00x |",
+        f"| on, stories260K acceptance (PROJECTION) | {proj['on_s_per_token']:.4f} | {proj['gain']:.2f}x "
+        f"(pre-draft used in {proj['predraft_used_share']:.0%} of rounds) |"])
 
 
 if __name__ == "__main__":

@@ -95,3 +95,19 @@ def test_adaptive_sweep_on_the_trained_pair(tmp_path, capsys):
                      "fixed gamma 1 3-level dg 2", "fixed gamma 3 3-level dg 2"}
     assert all(r["same_tokens_as_autoregressive"] and r["s_per_token"] > 0 for r in result["rows"])
     assert result["rows"][1]["adaptive"]["rounds"] and "best fixed" in capsys.readouterr().out
+
+
+def test_pipeline_benchmark_tiny(tmp_path, capsys):
+    """bench.pipeline_bench on a tiny shape, both link modes: off and on side by side, tokens identical."""
+    from bench import pipeline_bench
+
+    common = ["--synthetic", "tiny", "--context", "128", "--gamma", "4", "--new-tokens", "12", "--repeats", "1",
+              "--out", str(tmp_path)]
+    assert pipeline_bench.main(common + ["--emulate-link", "0.5", "--tag", "fixed"]) == 0
+    result = json.loads((tmp_path / "pipeline_bench_tiny_fixed.json").read_text())
+    assert result["emulated_link_gbps"] == [0.5] and result["identical_tokens"]
+    assert result["pipelined_stats"]["draft_steps_overlapped"] > 0 and result["s_per_token"]["on"] > 0
+    assert result["projection"]["gain"] > 1  # stories260K accepts whole rounds often: the pre-draft is used
+    assert pipeline_bench.main(common + ["--emulate-link", "calibrate", "--tag", "cal"]) == 0
+    assert "EMULATED link" in capsys.readouterr().out
+    assert pipeline_bench.main(common + ["--emulate-link", "-1"]) == 2
