@@ -15,8 +15,9 @@ The link (`--emulate-link`):
   GBPS       a fixed link
 Budget >= context (L2 holds everything: every token is accepted); the same session runs off and
 on alternately (`--repeats`, medians), tokens compared. Then a PROJECTION through the cost model
-with the acceptance measured on the trained stories260K pair (rounds whose every token is
-accepted, the only ones whose pre-draft is used). Everything here is EMULATED (the 'GPU' is this CPU).
+(cost.py's pipelined_round_seconds, the adaptive controller's formula) with the acceptance
+measured on the trained stories260K pair (rounds whose every token is accepted, the only ones
+whose pre-draft is used). Everything here is EMULATED (the 'GPU' is this CPU).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from offload_runtime import cost
 
 from .link_bench import RTX4090_MEMORY_OVER_LINK, Clock, log, memory_read_gbps
 from .models import SHAPES, build_pair
@@ -112,18 +115,20 @@ def trained_all_accepted(gamma: int, share: int = 8) -> dict:
             "acceptance": s["l3_acceptance_of_l2"], "accepted_per_pass": s["mean_accepted_per_pass"]}
 
 
-def projection(off: dict, acc: dict) -> dict:
-    """COST MODEL: unpipelined round = draft + pass; pipelined = max(pass, draft) (the next round's
-    drafting hidden under this pass), plus a draft on the critical path when the previous round's
-    pre-draft was not used (not every token accepted, or x1 rejected: P = 1 - all * acceptance)."""
+def projection(off: dict, on: dict, acc: dict) -> dict:
+    """COST MODEL (offload_runtime/cost.py, the adaptive controller's): unpipelined round = draft + pass;
+    pipelined = cost.pipelined_round_seconds: the drafting the on run hid per pass in the link waits
+    pre-drafts x1 and the next round, which is used when the previous round's every token and x1 were
+    accepted (used = all-accepted share * acceptance) and otherwise redrafted on the critical path."""
     s = off["stats"]
-    draft = s["time_l2_s"] / s["l3_passes"]
-    l3 = s["time_l3_s"] / s["l3_passes"]
+    draft, l3 = s["time_l2_s"] / s["l3_passes"], s["time_l3_s"] / s["l3_passes"]
+    hidden = on["stats"]["time_overlapped_s"] / on["stats"]["l3_passes"]
     used = acc["all_accepted_share"] * acc["acceptance"]
-    off_round, on_round = draft + l3, max(l3, draft) + (1 - used) * draft
-    return {"draft_per_round_s": draft, "l3_pass_s": l3, "predraft_used_share": used,
-            "off_s_per_token": off_round / acc["accepted_per_pass"], "on_s_per_token": on_round / acc["accepted_per_pass"],
-            "gain": off_round / on_round}
+    off_round = draft + l3
+    on_round = cost.pipelined_round_seconds(l3, draft, s["time_l2_s"] / s["l2_forwards"], used, hidden)
+    per_pass = acc["accepted_per_pass"]
+    return {"draft_per_round_s": draft, "l3_pass_s": l3, "hidden_per_pass_s": hidden, "predraft_used_share": used,
+            "off_s_per_token": off_round / per_pass, "on_s_per_token": on_round / per_pass, "gain": off_round / on_round}
 
 
 def link_sessions(target: Any, args: argparse.Namespace) -> Iterator[tuple[Any, float, str]]:
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {m: statistics.median(r["s_per_token"] for r in rs) for m, rs in runs.items()}
     same = all(r["tokens"] == runs["off"][0]["tokens"] for rs in runs.values() for r in rs)
     acc = trained_all_accepted(args.gamma)
-    proj = projection(runs["off"][-1], acc)
+    proj = projection(runs["off"][-1], runs["on"][-1], acc)
     result = {"benchmark": "pipeline_bench (EMULATED link on a CPU)", "machine": machine_info(torch.device("cpu")),
               "settings": vars(args), "emulated_link_gbps": links, "link": how,
               "s_per_token": med, "s_per_token_runs": {m: [r["s_per_token"] for r in rs] for m, rs in runs.items()},

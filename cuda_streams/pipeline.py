@@ -92,6 +92,10 @@ class LayerPipeline:
         self.prefetch(i + len(self.slabs))
         return i < self.issued and self.backend.done(self.ready[i])
 
+    def copying(self) -> bool:
+        """Is a copy-in of this pass still in flight, the link busy? (they complete in order; never blocks)"""
+        return self.issued > 0 and not self.backend.done(self.ready[self.issued - 1])
+
     def release(self, i: int, start: int, stop: int) -> None:
         """Write rows [start, stop) (the new ones) of layer i back to host; free the slab."""
         s = self.slab_of(i)

@@ -7,6 +7,9 @@ Running estimates (exponentially forgotten, so a change of text or of machine lo
 followed): the cost of an L3 pass as a linear function of context length and query rows, of
 an L2 step as a function of its query rows, of an L1 step, and the per-token acceptance of L3
 for L2 tokens and of L2 for L1 tokens. Candidates are scored with offload_runtime/cost.py.
+Pipelined rounds (pipelined.py) add one estimate, the share of an L3 pass whose copy waits
+the next round's drafting fits in (HiddenShare); it is 0, and the scoring unpipelined, until
+a pipelined round is observed.
 
 Exploration, so that no early estimate locks a choice out: the first round is one
 autoregressive step (the baseline's cost), the second a short probe (gamma 1); acceptance
@@ -64,15 +67,19 @@ class RoundMeasurement:
     l1_forwards: int = 0
     l1_accepted: int = 0  # L1 tokens accepted by L2
     l1_rejections: int = 0  # L2 checks that stopped at a rejected L1 token
+    pipelined: bool = False  # the pass pre-drafted the next round in its copy waits
+    overlap_s: float = 0.0  # drafting hidden in those waits (in l2_s / l1_s, not in l3_s)
+    predraft_finished: bool = False  # the pre-draft was complete before the pass ended
 
     @classmethod
     def of(cls, o: RoundOutcome) -> RoundMeasurement:
         """From the Session's outcome (its L2 seconds include the L1 steps it waited for)."""
         s = o.seconds
-        return cls(l3_s=s.get("l3", 0.0), l3_rows=o.proposed + 1, proposed=o.proposed, accepted=o.accepted,
-                   l2_s=s.get("l2", 0.0) - s.get("l1", 0.0), l2_forwards=o.l2_forwards, l2_rows=o.l2_rows,
-                   l1_s=s.get("l1", 0.0), l1_forwards=o.l1_forwards, l1_accepted=o.l1_accepted,
-                   l1_rejections=o.l1_rejections)
+        return cls(l3_s=s.get("l3", 0.0), l3_rows=o.l3_rows or o.proposed + 1, proposed=o.proposed,
+                   accepted=o.accepted, l2_s=s.get("l2", 0.0) - s.get("l1", 0.0), l2_forwards=o.l2_forwards,
+                   l2_rows=o.l2_rows, l1_s=s.get("l1", 0.0), l1_forwards=o.l1_forwards, l1_accepted=o.l1_accepted,
+                   l1_rejections=o.l1_rejections, pipelined=o.pipelined, overlap_s=s.get("overlap", 0.0),
+                   predraft_finished=o.predraft_finished)
 
 
 class LinearCost:
@@ -153,6 +160,27 @@ class Acceptance:
         return (self.successes + self.prior) / (self.trials + 2 * self.prior)
 
 
+class HiddenShare:
+    """The share of an L3 pass during which pipelined rounds can draft (its copy waits), forgotten; 0 before any.
+
+    A pass whose pre-draft ran to its end measures it: hidden drafting / the pass's time. A pass whose
+    pre-draft was complete first hid all it had, so the waits may hold more: it counts as 1 (optimism,
+    so that a longer gamma is tried; its pre-draft then measures the waits).
+    """
+
+    def __init__(self, forget: float = 0.95) -> None:
+        self.forget, self.total, self.weight = forget, 0.0, 0.0
+
+    def observe(self, m: RoundMeasurement) -> None:
+        share = 1.0 if m.predraft_finished else min(m.overlap_s / m.l3_s, 1.0) if m.l3_s > 0 else 0.0
+        self.total = self.forget * self.total + share
+        self.weight = self.forget * self.weight + 1.0
+
+    @property
+    def rate(self) -> float:
+        return self.total / self.weight if self.weight else 0.0
+
+
 class BackOff:
     """Count steps until the next probe; the interval doubles on failure (to a cap), resets on success."""
 
@@ -183,6 +211,7 @@ class Estimates:
         self.l1 = LinearCost(1, forget)  # per round: [forwards]
         self.l3_acceptance = Acceptance(forget)  # of L2 tokens
         self.l2_acceptance = Acceptance(forget)  # of L1 tokens
+        self.hidden = HiddenShare(forget)  # of an L3 pass, by pipelined rounds' drafting
 
     def observe(self, context: int, m: RoundMeasurement) -> None:
         self.l3.observe([1.0, context / CONTEXT_UNIT, m.l3_rows - 1.0], m.l3_s)
@@ -193,6 +222,8 @@ class Estimates:
         if m.l1_forwards:
             self.l1.observe([float(m.l1_forwards)], m.l1_s)
             self.l2_acceptance.observe(m.l1_accepted, m.l1_rejections)
+        if m.pipelined:
+            self.hidden.observe(m)
 
     def costs(self, context: int, gamma: int, draft_gamma: int) -> PhaseCosts:
         """Predicted phase costs of a round with these settings at this context."""
@@ -202,7 +233,7 @@ class Estimates:
 
     def seconds_per_token(self, context: int, gamma: int, draft_gamma: int) -> float:
         return round_seconds_per_token(self.costs(context, gamma, draft_gamma), self.l3_acceptance.rate, gamma,
-                                       self.l2_acceptance.rate, draft_gamma)
+                                       self.l2_acceptance.rate, draft_gamma, self.hidden.rate)
 
     def best(self, context: int, candidates: list[tuple[int, int]]) -> tuple[float, int, int]:
         """(expected s/token, gamma, draft gamma) of the best (gamma, draft gamma) candidate.
@@ -212,8 +243,9 @@ class Estimates:
         ctx = context / CONTEXT_UNIT
         l3 = {g: self.l3.predict([1.0, ctx, float(g)]) for g in {g for g, _ in candidates}}
         l2 = {d: self.l2.predict([1.0, float(d)]) for d in {d for _, d in candidates}}
-        l1, a3, a2 = self.l1.predict([1.0]), self.l3_acceptance.rate, self.l2_acceptance.rate
-        return min((round_seconds_per_token(PhaseCosts(l1, l2[d], l3[g]), a3, g, a2, d), g, d) for g, d in candidates)
+        l1, a3, a2, hidden = self.l1.predict([1.0]), self.l3_acceptance.rate, self.l2_acceptance.rate, self.hidden.rate
+        return min((round_seconds_per_token(PhaseCosts(l1, l2[d], l3[g]), a3, g, a2, d, hidden), g, d)
+                   for g, d in candidates)
 
     def best_draft_gamma(self, max_draft_gamma: int) -> int:
         """The draft gamma with the cheapest L2 drafting per L2 token (L1 steps included)."""
@@ -231,7 +263,8 @@ class Estimates:
                               "at_context": self.l3.predict([1.0, context / CONTEXT_UNIT, 0.0])},
                 "l2_step_s": {"fixed": self.l2.theta[0], "per_extra_row": self.l2.theta[1]},
                 "l1_step_s": self.l1.theta[0],
-                "l3_acceptance_of_l2": self.l3_acceptance.rate, "l2_acceptance_of_l1": self.l2_acceptance.rate}
+                "l3_acceptance_of_l2": self.l3_acceptance.rate, "l2_acceptance_of_l1": self.l2_acceptance.rate,
+                "l3_share_drafting_hides_in": self.hidden.rate}
 
 
 class AdaptiveSpeculation:

@@ -15,16 +15,23 @@ output keeps the target's distribution):
   token with its q) is carried to round k+1 as the head of its proposals (PEARL's post-verify);
 - otherwise the pre-draft is dropped: the retrieval cache is cut back as after any round,
   L1 rolls itself back to the context at its next proposal.
+
+Timing (what the adaptive controller fits, adaptive.py): the pre-draft's seconds count as L2's
+(and L1's) time; L3's time is the pass's own, its wall time less the draft steps that ran while
+no copy was pending (after which the awaited copy had arrived: the step may have held the pass
+up); the steps after which it was still in flight were hidden in the wait ("overlap").
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Generator
 
 import torch
 
+from .caches.base import FullKVCache
 from .request import stop_index
-from .stats import timed
+from .stats import Stats, timed
 from .triforce import DraftChain, Speculator
 
 
@@ -48,6 +55,39 @@ def drive(steps: Generator[None, bool, torch.Tensor], work: Callable[[], bool]) 
             steps.send(not work())
     except StopIteration as done:
         return done.value
+
+
+class PreDraft:
+    """Round k+1's drafting inside round k's L3 pass: `step` is the work `drive` interleaves, timed."""
+
+    def __init__(self, chain: DraftChain, want: int, stats: Stats, full: FullKVCache) -> None:
+        self.chain, self.want, self.stats, self.full = chain, want, stats, full
+        self.seconds = self.hidden = 0.0  # drafting, and the part of it done while a copy was in flight
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.chain.tokens
+
+    def step(self) -> bool:
+        """One draft step (False: the pre-draft is complete)."""
+        if len(self.chain.tokens) >= self.want:
+            return False
+        start = time.perf_counter()
+        self.chain.step(self.want)
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.hidden += seconds if self.full.copy_pending() else 0.0
+        self.stats.predraft_steps += 1
+        return True
+
+    def settle(self) -> None:
+        """Move the drafting out of L3's time (the timed pass held it) into L2's, the hidden part into "overlap"."""
+        t = self.stats.time
+        t["l2"] += self.seconds
+        t["l3"] -= self.seconds - self.hidden
+        t["overlap"] += self.hidden
+        self.stats.predraft_rounds += 1
+        self.stats.predrafts_finished += len(self.chain.tokens) >= self.want
 
 
 class PipelinedSpeculator(Speculator):
@@ -82,23 +122,16 @@ class PipelinedSpeculator(Speculator):
                 chain.step(gamma)
             drafted, q = chain.head(gamma)
             caches.retrieval.truncate(base + gamma)  # holds the context and drafted[:-1]: continue from drafted[-1]
-        pre = DraftChain(self, caches.tokens + drafted, draft_gamma)
         want = max(1, min(gamma + 1, budget - gamma - 1))  # x1, then up to a full next round
-
-        def predraft() -> bool:
-            if len(pre.tokens) >= want:
-                return False
-            pre.step(want)
-            stats.predraft_steps += 1
-            return True
-
+        pre = PreDraft(DraftChain(self, caches.tokens + drafted, draft_gamma), want, stats, caches.full)
         with timed(stats, "l3"):
             tokens = torch.tensor(caches.tokens[-1:] + drafted, device=self.target.device)
-            p = self.sampler.distribution(drive(self.target.forward_steps(tokens, caches.full), predraft))
+            p = self.sampler.distribution(drive(self.target.forward_steps(tokens, caches.full), pre.step))
             n, nxt = self.sampler.verify(drafted, q, p)
+        pre.settle()
         x1_ok = False
         if n == len(drafted) and pre.tokens:  # every proposal accepted: x1 replaces the bonus draw
-            x1_ok, nxt = self.sampler.verify_one(pre.tokens[0], pre.dists[0], p[n])
+            x1_ok, nxt = self.sampler.verify_one(pre.tokens[0], pre.chain.dists[0], p[n])
             stats.predraft_used += 1
             stats.l3_proposed += 1
             stats.l3_accepted += int(x1_ok)
@@ -106,6 +139,7 @@ class PipelinedSpeculator(Speculator):
         take = block[: stop_index(block, eos_ids, budget)]
         keep = base + len(take)
         stats.l3_passes += 1
+        stats.l3_rows += len(drafted) + 1
         stats.l3_proposed += len(drafted)
         stats.l3_accepted += n
         stats.rounds_all_accepted += n == len(drafted)
@@ -117,7 +151,7 @@ class PipelinedSpeculator(Speculator):
             caches.select(keep, len(take) - 1 - (len(drafted) + 1))
         rest = len(pre.tokens) - int(n == len(drafted) and bool(pre.tokens))  # all but a verified x1
         if x1_ok and len(take) == len(block) and not refreshed and rest:
-            self.carry = Carry(pre.tokens[1:], pre.dists[1:], len(caches.tokens) + len(take), keep, rows,
+            self.carry = Carry(pre.tokens[1:], pre.chain.dists[1:], len(caches.tokens) + len(take), keep, rows,
                                stats.retrieval_builds)
         else:
             stats.predraft_dropped += rest

@@ -25,19 +25,24 @@ class RoundChoice:
 @dataclass(frozen=True)
 class RoundOutcome:
     """What one round did: tokens proposed to and accepted by L3 (and by L2 of L1), tokens emitted,
-    the seconds each level spent, and the context length before the round."""
+    the seconds each level spent, and the context length before the round. A pipelined round
+    (pipelined.py) pre-drafted the next round during its L3 pass: seconds["overlap"] is the drafting
+    hidden in the pass's copy waits, `predraft_finished` whether the pre-draft was complete by its end."""
     choice: RoundChoice
     proposed: int
     accepted: int
     emitted: int
     l1_proposed: int = 0
     l1_accepted: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)  # "l1", "l2", "l3" (l2 includes l1)
+    seconds: dict[str, float] = field(default_factory=dict)  # "l1", "l2", "l3", "overlap" (l2 includes l1)
     context: int = 0
     l2_forwards: int = 0  # L2 forwards while drafting, and their query rows (the adaptive controller's costs)
     l2_rows: int = 0
     l1_forwards: int = 0
     l1_rejections: int = 0  # L2 checks that stopped at a rejected L1 token
+    l3_rows: int = 0  # query rows of the L3 pass (0: proposed + 1; a pipelined round's x1 is proposed, not a row)
+    pipelined: bool = False
+    predraft_finished: bool = False
 
 
 class RoundPolicy(Protocol):

@@ -159,8 +159,8 @@ class Session:
         self._emit(take, out, on_tokens, max_new)
         d = self.stats.since(before)
         return RoundOutcome(choice, d.l3_proposed, d.l3_accepted, len(take), d.l1_proposed, d.l1_accepted,
-                            {k: d.time[k] for k in ("l1", "l2", "l3")}, context, d.l2_forwards, d.l2_rows,
-                            d.l1_forwards, d.l1_rejections)
+                            {k: d.time[k] for k in ("l1", "l2", "l3", "overlap")}, context, d.l2_forwards, d.l2_rows,
+                            d.l1_forwards, d.l1_rejections, d.l3_rows, d.predraft_rounds > 0, d.predrafts_finished > 0)
 
     def _autoregressive_step(self) -> list[int]:
         """The one autoregressive decoder: one target forward over the full cache, one token."""
@@ -168,6 +168,7 @@ class Session:
             logits = self.target(torch.tensor(self.context[-1:], device=self.target.device), self.full)
             token = self.sampler.next_token(logits[-1])
         self.stats.l3_passes += 1
+        self.stats.l3_rows += 1
         self.stats.emitted_in_rounds += 1
         if self.retrieval is not None:  # (a policy's plain step in TriForce mode) L2 keeps in step
             self.retrieval.write_rows(self.full, self.retrieval.length, self.full.length)

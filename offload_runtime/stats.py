@@ -10,10 +10,15 @@ class Stats:
         self.l3_passes = self.l3_proposed = self.l3_accepted = self.emitted_in_rounds = 0
         self.l2_forwards = self.l1_forwards = self.l1_proposed = self.l1_accepted = 0
         self.l2_rows = self.l1_rejections = 0  # L2 query rows; L2 checks stopped by a rejection (adaptive.py)
+        self.l3_rows = 0  # L3 query rows (a pipelined round's x1 is one more proposal verified, not one more row)
         self.prefilled_tokens = self.prefills = self.retrieval_builds = 0
         self.predraft_steps = self.predraft_used = self.predraft_dropped = 0  # pipelined rounds
+        self.predraft_rounds = self.predrafts_finished = 0  # pipelined rounds; those whose pre-draft was complete
         self.rounds_all_accepted = 0  # rounds whose every proposal L3 accepted (a pre-draft is used only then)
-        self.time = {"l1": 0.0, "l2": 0.0, "l3": 0.0, "prefill": 0.0}
+        # l2 includes l1; in pipelined rounds l2 includes the pre-draft, l3 is the pass's own time (its wall
+        # time less the drafting that did not fill a copy wait), "overlap" the drafting hidden in its waits:
+        # the rounds' wall time is l2 + l3 - overlap.
+        self.time = {"l1": 0.0, "l2": 0.0, "l3": 0.0, "prefill": 0.0, "overlap": 0.0}
 
     def snapshot(self) -> dict:
         """The counters now (a mark to measure one answer from)."""
@@ -38,6 +43,7 @@ class Stats:
             "l2_forwards": self.l2_forwards,
             "l1_forwards": self.l1_forwards,
             "time_l1_s": self.time["l1"], "time_l2_s": self.time["l2"], "time_l3_s": self.time["l3"],
+            "time_overlapped_s": self.time["overlap"],
             "prefilled_tokens": self.prefilled_tokens,
             "prefills": self.prefills,
             "retrieval_builds": self.retrieval_builds,

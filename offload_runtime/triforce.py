@@ -156,6 +156,7 @@ class Speculator:
         take = block[: stop_index(block, eos_ids, budget)]  # an EOS ends the answer there
         keep = base + len(take)  # rows: the newest context token, then every emitted token but the last
         stats.l3_passes += 1
+        stats.l3_rows += len(drafted) + 1
         stats.l3_proposed += len(drafted)
         stats.l3_accepted += n
         stats.rounds_all_accepted += n == len(drafted)

@@ -103,6 +103,11 @@ class FullKVCache(KVCache):
         """Would open_layer(layer) run without waiting for a copy? (never blocks; on-device caches: always)"""
         return True
 
+    def copy_pending(self) -> bool:
+        """Is a copy into the device still in flight, so work the host does now does not hold the pass up
+        (the link stays busy)? Never blocks; on-device caches: no copies."""
+        return False
+
     @abstractmethod
     def close_layer(self, layer: int, start: int, stop: int) -> None:
         """Rows [start, stop) of `layer` are final."""

@@ -94,6 +94,9 @@ class OffloadedCache(FullKVCache):
             self._begin_pass(n_new)
         return layer < self.on_chip_layers or self.pipeline.ready_now(layer - self.on_chip_layers)
 
+    def copy_pending(self) -> bool:
+        return self.pipeline is not None and self.pipeline.copying()
+
     def open_layer(self, layer: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Device views (an on-chip buffer, or the slab the layer was streamed into)."""
         if layer == 0:
@@ -162,13 +165,10 @@ class OffloadedCache(FullKVCache):
             "cache_capacity_tokens": self.capacity,
             "host_cache_bytes": self.pipeline.host_bytes if self.pipeline else 0,
             "slab_bytes": self.pipeline.slab_bytes if self.pipeline else 0,
-            "prefill_h2d_bytes": pre.h2d_bytes,
-            "prefill_d2h_bytes": pre.d2h_bytes,
-            "h2d_bytes": dec.h2d_bytes,
-            "d2h_bytes": dec.d2h_bytes,
+            "prefill_h2d_bytes": pre.h2d_bytes, "prefill_d2h_bytes": pre.d2h_bytes,
+            "h2d_bytes": dec.h2d_bytes, "d2h_bytes": dec.d2h_bytes,
             "h2d_bytes_per_token": dec.h2d_bytes / new_tokens if new_tokens else None,
-            "h2d_gbps": gbps,
-            "copy_wait_s": dec.wait_s,
+            "h2d_gbps": gbps, "copy_wait_s": dec.wait_s,
             "copy_wait_fraction_of_l3": dec.wait_s / l3_seconds if l3_seconds else None,
             "link_gbps": link,
             "link_fraction": gbps / link if gbps and link else None,
