@@ -16,8 +16,11 @@ from offload_runtime.cuda_streams import EmulatedLinkBackend
 from offload_runtime.engine import EngineSettings, Session, generate_triforce
 from offload_runtime.errors import UserError
 from offload_runtime.generate import generate_autoregressive
+from offload_runtime.pipelined import PreDraft
+from offload_runtime.policy import RoundChoice
 from offload_runtime.sampler import Sampler
 from offload_runtime.sampling import SamplingParams
+from offload_runtime.stats import Stats
 
 
 @pytest.fixture
@@ -74,6 +77,49 @@ def test_emulated_link_overlaps_and_keeps_tokens(checkpoint, prompt_ids):
         want = ar[:n_new] if not eos else ar[: ar.index(eos[0]) + 1]
         assert got.token_ids == want
         assert got.stats["draft_steps_overlapped"] > 0
+        assert 0 < got.stats["time_overlapped_s"] <= got.stats["time_l2_s"]  # steps done while the link was busy
+
+
+def test_predraft_time_is_drafting_and_only_its_unhidden_steps_leave_the_pass(monkeypatch):
+    """The timed L3 pass held the pre-draft: settle moves all of it to L2, takes out of L3 the steps after
+    which no copy was in flight (they held the pass up), and counts the others as hidden ("overlap")."""
+    class Chain:
+        def __init__(self) -> None:
+            self.tokens: list[int] = []
+
+        def step(self, want: int) -> None:
+            self.tokens.append(0)
+
+    class Full:
+        def __init__(self) -> None:
+            self.answers = [True, False]  # a copy in flight after the first step, none after the second
+
+        def copy_pending(self) -> bool:
+            return self.answers.pop(0)
+
+    clock = iter([0.0, 1.0, 1.0, 3.0])  # steps of 1 s and 2 s
+    monkeypatch.setattr("offload_runtime.pipelined.time.perf_counter", lambda: next(clock))
+    stats = Stats()
+    stats.time["l2"], stats.time["l3"] = 0.5, 10.0  # the round's first drafting; the pass's wall time
+    pre = PreDraft(Chain(), 2, stats, Full())
+    assert [pre.step(), pre.step(), pre.step()] == [True, True, False]
+    pre.settle()
+    assert (stats.time["l2"], stats.time["l3"], stats.time["overlap"]) == (3.5, 8.0, 1.0)
+    assert (stats.predraft_steps, stats.predraft_rounds, stats.predrafts_finished) == (2, 1, 1)
+
+
+def test_pipelined_outcomes_tell_the_policy(checkpoint, prompt_ids, slabs_never_ready):
+    """What the adaptive controller reads of a pipelined round: pipelined, the pre-draft complete, the
+    x1 check one more proposal but not one more row of the pass."""
+    from test_policy import Scripted
+    target = load(checkpoint("llama", num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2))
+    policy = Scripted([RoundChoice(True, 3, 0)])
+    session = Session(target, None, GREEDY, [], pipelined(SETTINGS[2]), policy=policy)  # budget >= prompt
+    session.extend(prompt_ids)
+    session.generate(13)
+    assert len(policy.outcomes) == 3 and all(o.pipelined and o.predraft_finished for o in policy.outcomes)
+    assert [(o.proposed, o.l3_rows) for o in policy.outcomes] == [(4, 4)] * 3  # every token and x1 accepted
+    assert all(o.seconds["l3"] > 0 and o.seconds["overlap"] == 0.0 for o in policy.outcomes)  # no copies
 
 
 def test_pipeline_flag_is_checked():

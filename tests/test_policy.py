@@ -59,6 +59,7 @@ def test_any_choice_sequence_is_lossless(models, prompt, with_draft):
     assert [c for _, c in policy.asked] == [len(prompt) + 1 + sum(o.emitted for o in policy.outcomes[:i])
                                             for i in range(len(policy.outcomes))]
     assert all(o.seconds["l3"] > 0 for o in policy.outcomes)
+    assert all(o.l3_rows == o.proposed + 1 and not o.pipelined for o in policy.outcomes)  # (on-device: unpipelined)
     assert got.stats["l3_passes"] == len(policy.outcomes)
     assert session.full.length == len(session.context) - 1 == session.retrieval.length  # L2 kept in step
     for o in policy.outcomes:  # the adaptive controller's cost inputs
