@@ -1,7 +1,7 @@
 """The cost model of a speculative round: expected tokens per pass and seconds per emitted token.
 
 One implementation, used by the engine's adaptive controller (offload_runtime/adaptive.py) to
-choose gamma online, and by the benchmark's projections (bench/cost_model.py).
+choose gamma online, and by the benchmarks' projections (bench/cost_model.py, bench/pipeline_bench.py).
 
 A round costs one L3 pass plus the L2 and L1 steps that drafted it, and yields on average
 `expected_tokens_per_pass` tokens:
