@@ -128,7 +128,8 @@ def projection(off: dict, on: dict, acc: dict) -> dict:
     on_round = cost.pipelined_round_seconds(l3, draft, s["time_l2_s"] / s["l2_forwards"], used, hidden)
     per_pass = acc["accepted_per_pass"]
     return {"draft_per_round_s": draft, "l3_pass_s": l3, "hidden_per_pass_s": hidden, "predraft_used_share": used,
-            "off_s_per_token": off_round / per_pass, "on_s_per_token": on_round / per_pass, "gain": off_round / on_round}
+            "off_s_per_token": off_round / per_pass, "on_s_per_token": on_round / per_pass,
+            "gain": off_round / on_round}
 
 
 def link_sessions(target: Any, args: argparse.Namespace) -> Iterator[tuple[Any, float, str]]:

@@ -107,7 +107,8 @@ def test_pipeline_benchmark_tiny(tmp_path, capsys):
     result = json.loads((tmp_path / "pipeline_bench_tiny_fixed.json").read_text())
     assert result["emulated_link_gbps"] == [0.5] and result["identical_tokens"]
     assert result["pipelined_stats"]["draft_steps_overlapped"] > 0 and result["s_per_token"]["on"] > 0
-    assert result["projection"]["gain"] > 1  # stories260K accepts whole rounds often: the pre-draft is used
+    proj = result["projection"]  # stories260K accepts whole rounds often: the pre-draft is used; what it saves is
+    assert proj["predraft_used_share"] > 0.5 and proj["gain"] >= 1  # the drafting the on run hid (tiny: ~none)
     assert pipeline_bench.main(common + ["--emulate-link", "calibrate", "--tag", "cal"]) == 0
     assert "EMULATED link" in capsys.readouterr().out
     assert pipeline_bench.main(common + ["--emulate-link", "-1"]) == 2
