@@ -32,10 +32,15 @@ from typing import Any, Iterator
 import torch
 
 from offload_runtime import cost
+from offload_runtime.settings import AUTO_MAX_GAMMA
 
 from .link_bench import RTX4090_MEMORY_OVER_LINK, Clock, log, memory_read_gbps
 from .models import SHAPES, build_pair
 from .offload_bench import RESULTS, machine_info, make_prompt
+
+
+def gamma_arg(text: str) -> int | None:
+    return None if text == "auto" else int(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--synthetic", default="mha-220m", choices=sorted(SHAPES), help="synthetic target shape")
     p.add_argument("--context", type=int, default=8192)
-    p.add_argument("--gamma", type=int, default=16)
+    p.add_argument("--gamma", type=gamma_arg, default=16,
+                   help="proposals per round, or auto: the adaptive controller, which knows the rounds are pipelined")
     p.add_argument("--emulate-link", default="auto", metavar="auto|calibrate|GBPS",
                    help="auto: memory-read GB/s / --link-ratio (the miniature 4090); calibrate: see --link-over-draft")
     p.add_argument("--link-ratio", type=float, default=RTX4090_MEMORY_OVER_LINK, help="memory / link bandwidth (auto)")
@@ -64,7 +70,7 @@ def make_session(target: Any, args: argparse.Namespace, link_gbps: float) -> Any
     from offload_runtime.engine import EngineSettings, Session
     from offload_runtime.sampling import SamplingParams
 
-    capacity = args.context + 2 * (args.new_tokens + args.gamma + 2)
+    capacity = args.context + 2 * (args.new_tokens + (args.gamma or AUTO_MAX_GAMMA) + 2)
     settings = EngineSettings(budget=-(-capacity // 8) * 8, chunk_size=8, gamma=args.gamma)
     cache = OffloadedCache(target.cfg, "cpu", target.dtype, capacity, 0,
                            backend=make_backend("cpu", link_gbps=link_gbps), n_slabs=args.slabs, link_gbps=link_gbps)
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"--pipeline {mode}: {runs[mode][-1]['s_per_token']:.4f} s/token")
     med = {m: statistics.median(r["s_per_token"] for r in rs) for m, rs in runs.items()}
     same = all(r["tokens"] == runs["off"][0]["tokens"] for rs in runs.values() for r in rs)
-    acc = trained_all_accepted(args.gamma)
+    acc = trained_all_accepted(args.gamma or AUTO_MAX_GAMMA)
     proj = projection(runs["off"][-1], runs["on"][-1], acc)
     result = {"benchmark": "pipeline_bench (EMULATED link on a CPU)", "machine": machine_info(torch.device("cpu")),
               "settings": vars(args), "emulated_link_gbps": links, "link": how,
@@ -179,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
               "bound": "(link + draft) / max(link, draft)", "round_phases": round_phases(runs),
               "pipelined_stats": {k: runs["on"][-1]["stats"][k] for k in (
                   "draft_steps_overlapped", "predrafted_tokens_used", "predrafted_tokens_dropped", "mean_accepted_per_pass")},
-              "trained_acceptance": acc, "projection": proj}
+              "trained_acceptance": acc, "projection": proj,
+              "adaptive": {m: rs[-1]["stats"].get("adaptive") for m, rs in runs.items()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"pipeline_bench_{args.synthetic}{'_' + args.tag if args.tag else ''}.json"
@@ -204,7 +211,7 @@ def table(args: argparse.Namespace, result: dict) -> str:
     med, proj, same = result["s_per_token"], result["projection"], result["identical_tokens"]
     link = statistics.median(result["emulated_link_gbps"])
     return "\n".join([
-        f"| EMULATED link {link:.3f} GB/s ({result['link']}), {args.synthetic} @ {args.context}, gamma {args.gamma} "
+        f"| EMULATED link {link:.3f} GB/s ({result['link']}), {args.synthetic} @ {args.context}, gamma {args.gamma or 'auto'} "
         f"| s/token | gain |",
         "|---|---|---|",
         f"| --pipeline off, budget >= context (measured, median of {args.repeats}) | {med['off']:.4f} | 1.00x |",
