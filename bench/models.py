@@ -12,7 +12,7 @@ import torch
 
 from offload_runtime.config import ModelConfig
 from offload_runtime.loading import build_model
-from offload_runtime.model import CausalLM, fuse_projections
+from offload_runtime.model import CausalLM, fuse_layer
 from offload_runtime.synthetic import hf_config, randomize
 
 
@@ -64,15 +64,17 @@ def build_pair(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
     randomize(hf, std=0.15 if shape.hidden <= 1024 else 0.02, seed=seed)
     hf.eval().requires_grad_(False)
-    ours = fuse_projections(build_model(ModelConfig.from_hf(config), dict(hf.state_dict()), device, dtype))
+    ours = build_model(ModelConfig.from_hf(config), dict(hf.state_dict()), device, dtype)
     share_fused(hf, ours)
     return hf, ours
 
 
 def share_fused(hf: Any, ours: CausalLM) -> None:
-    """transformers' q/k/v and gate/up weights become views of our fused matrices: the two models
-    keep sharing every weight (no second copy), so both are timed on the same memory."""
+    """Fuse our projections layer by layer, transformers' q/k/v and gate/up weights becoming views of
+    our fused matrices at once: the two models keep sharing every weight (no second copy, and at most
+    one layer's originals alive besides), so both are timed on the same memory."""
     for theirs, mine in zip(hf.model.layers, ours.model.layers):
+        fuse_layer(mine)
         for name in ("q_proj", "k_proj", "v_proj"):
             getattr(theirs.self_attn, name).weight = getattr(mine.self_attn, name).weight
             getattr(theirs.self_attn, name).bias = getattr(mine.self_attn, name).bias
@@ -89,6 +91,6 @@ def load_pair(path: str, device: torch.device, dtype: torch.dtype) -> tuple[Any,
 
     resolved = loading.resolve_checkpoint(path)
     hf = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype).to(device).eval().requires_grad_(False)
-    ours = fuse_projections(build_model(ModelConfig.from_hf(hf.config), dict(hf.state_dict()), device, dtype))
+    ours = build_model(ModelConfig.from_hf(hf.config), dict(hf.state_dict()), device, dtype)
     share_fused(hf, ours)
     return hf, ours, loading.load_tokenizer(resolved)

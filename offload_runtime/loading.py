@@ -203,5 +203,7 @@ def load(name: str, device: torch.device, dtype: str = "auto", with_tokenizer: b
         model.to(device)
         model.rope.to(device)
     fuse_projections(model)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the separate weights' blocks: no fused matrix fits in them
     tokenizer = load_tokenizer(path) if with_tokenizer else None
     return LoadedModel(model, tokenizer, eos_token_ids(path, hf_config, tokenizer), path)

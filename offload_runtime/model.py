@@ -75,18 +75,23 @@ class FusedLinear:
     def _pointers(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for lin in self.linears for t in (lin.weight, lin.bias) if t is not None)
 
-    def current(self) -> bool:
-        """Whether the Linears still are views of this matrix."""
-        return self._pointers() == self._ptrs
+    def current(self, linears: list[nn.Linear]) -> bool:
+        """Whether these are the Linears fused here and their weights still are views of this matrix."""
+        return (len(linears) == len(self.linears) and all(a is b for a, b in zip(linears, self.linears))
+                and self._pointers() == self._ptrs and all(lin.weight.shape[0] == n for lin, n in zip(linears, self.sizes)))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
-def project(fused: FusedLinear | None, linears: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
-    """The Linears' outputs side by side: one product when fused, else one per Linear."""
-    if fused is not None and fused.current():
-        return fused(x)
+def project(module: nn.Module, attr: str, linears: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
+    """The Linears' outputs side by side: one product when `module.<attr>` fuses them, else one per
+    Linear (a stale fused matrix is dropped then, so it does not hold its memory)."""
+    fused = getattr(module, attr)
+    if fused is not None:
+        if fused.current(linears):
+            return fused(x)
+        setattr(module, attr, None)
     return torch.cat([lin(x) for lin in linears], dim=-1)
 
 
@@ -105,7 +110,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         # Head counts come from the weights, so a tensor-parallel shard of this module works unchanged.
         nq, nk = self.q_proj.weight.shape[0] // self.head_dim, self.k_proj.weight.shape[0] // self.head_dim
-        heads = project(self.qkv, [self.q_proj, self.k_proj, self.v_proj], x).view(t, -1, self.head_dim).transpose(0, 1)
+        heads = project(self, "qkv", [self.q_proj, self.k_proj, self.v_proj], x).view(t, -1, self.head_dim).transpose(0, 1)
         qk = apply_rotary(heads[:nq + nk], cos, sin)  # q and k rotated in one go
         out = cache.attend(self.layer, qk[:nq], qk[nq:], heads[nq + nk:])  # [Hq, T, D]
         return self.o_proj(out.transpose(0, 1).reshape(t, -1))
@@ -120,18 +125,25 @@ class MLP(nn.Module):
         self.gate_up: FusedLinear | None = None  # set by fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(self.gate_up, [self.gate_proj, self.up_proj], x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = project(self, "gate_up", [self.gate_proj, self.up_proj], x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate).mul_(up))
+
+
+def fuse_layer(layer: "DecoderLayer") -> None:
+    """Fuse one layer's q/k/v and gate/up projections (see FusedLinear)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    attn.qkv = mlp.gate_up = None  # a stale matrix is not kept alive while the new one is built
+    qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+    attn.qkv = FusedLinear(qkv) if FusedLinear.can_fuse(qkv) else None
+    mlp.gate_up = FusedLinear(gate_up) if FusedLinear.can_fuse(gate_up) else None
 
 
 def fuse_projections(model: "CausalLM") -> "CausalLM":
-    """Fuse every layer's q/k/v and gate/up projections (see FusedLinear); call it on the final
-    weights (after loading, sharding and moving). Returns the model."""
+    """Fuse every layer's projections, layer by layer (each replaced weight is freed before the next
+    layer's copy is made, unless something else holds it); call it on the final weights (after
+    loading, sharding and moving: `.to()` makes the fused matrices stale). Returns the model."""
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
-        attn.qkv = FusedLinear(qkv) if FusedLinear.can_fuse(qkv) else None
-        mlp.gate_up = FusedLinear(gate_up) if FusedLinear.can_fuse(gate_up) else None
+        fuse_layer(layer)
     return model
 
 

@@ -174,6 +174,7 @@ def shard(model: CausalLM, rank: int | None = None, world: int | None = None) ->
         return model
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv = mlp.gate_up = None  # the whole model's fused rows: freed with the replaced weights
         for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
             _keep_rows(linear, rank, world)
         _keep_columns(attn.o_proj, rank, world)

@@ -13,7 +13,7 @@ from offload_runtime.config import ModelConfig
 from offload_runtime.cuda_streams import CpuBackend, CudaBackend, LayerPipeline, link_bandwidth
 from offload_runtime.engine import EngineSettings, generate_triforce
 from offload_runtime.generate import generate_autoregressive
-from offload_runtime.model import CausalLM
+from offload_runtime.model import CausalLM, fuse_projections
 from offload_runtime.sampling import SamplingParams
 from offload_runtime.synthetic import hf_config, randomize
 
@@ -67,7 +67,7 @@ def _model(layers: int = 3) -> CausalLM:
     randomize(model)
     model.tie_weights()
     model.rope.to("cuda")  # not an nn.Module: moved by hand, as loading does
-    return model.to("cuda").eval().requires_grad_(False)
+    return fuse_projections(model.to("cuda").eval().requires_grad_(False))  # as loading.load leaves it
 
 
 @pytest.mark.parametrize("on_chip", [0, 1, 3])

@@ -81,15 +81,20 @@ def test_fused_projections_are_views_and_fall_back(case, checkpoint, tokenizer, 
     for layer in model.model.layers:
         for fused, linears in ((layer.self_attn.qkv, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
                                (layer.mlp.gate_up, [layer.mlp.gate_proj, layer.mlp.up_proj])):
-            assert fused is not None and fused.current()
+            assert fused is not None and fused.current(linears)
             assert fused.weight.shape[0] == sum(lin.weight.shape[0] for lin in linears)
             assert all(lin.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
                        for lin in linears)
             assert (fused.bias is not None) == (case == "llama-bias")
-    attn = model.model.layers[0].self_attn
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[1].mlp
     attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.clone(), requires_grad=False)
-    assert not attn.qkv.current()
+    assert not attn.qkv.current([attn.q_proj, attn.k_proj, attn.v_proj])
+    replaced = torch.nn.Linear(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=mlp.up_proj.bias is not None)
+    replaced.load_state_dict(mlp.up_proj.state_dict())
+    mlp.up_proj = replaced.requires_grad_(False)  # a new module over equal weights: not the fused one
+    assert not mlp.gate_up.current([mlp.gate_proj, mlp.up_proj])
     separate_logits = model(ids, FullCache(model.cfg, "cpu", torch.float32))
+    assert attn.qkv is None and mlp.gate_up is None  # the stale matrices were dropped, not kept alive
     assert (separate_logits - fused_logits).abs().max().item() < 1e-5
     attn.k_proj.weight.mul_(1.5)  # the separate Linear really is what runs now
     assert (model(ids, FullCache(model.cfg, "cpu", torch.float32)) - fused_logits).abs().max().item() > 1e-3

@@ -199,7 +199,8 @@ def test_shards_partition_the_weights(checkpoint):
     cfg = shards[0].cfg
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.kv_groups) == (4, 2, 64, 2)
     for x in s:  # each rank's rows fused again (the whole model's fused matrices would be stale)
-        assert x.self_attn.qkv.current() and x.mlp.gate_up.current()
+        attn, mlp = x.self_attn, x.mlp
+        assert attn.qkv.current([attn.q_proj, attn.k_proj, attn.v_proj]) and mlp.gate_up.current([mlp.gate_proj, mlp.up_proj])
         assert x.self_attn.qkv.weight.shape[0] == (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         assert x.mlp.gate_up.weight.shape[0] == 2 * cfg.intermediate_size
     assert (shards[1].tp_rank, shards[1].tp_world_size) == (1, 2)

@@ -121,7 +121,7 @@ class OffloadedCache(FullKVCache):
         k_buf[:, start:end] = k
         v_buf[:, start:end] = v
         self.recent_queries[layer] = q[:, -RECENT_QUERIES:].clone()
-        self._new[layer] = (start, k, v) if n <= KEEP_NEW_ROWS else None
+        self._new[layer] = (start, k.clone(), v.clone()) if n <= KEEP_NEW_ROWS else None  # not views of q/k/v
         k_pos = torch.arange(end, device=q.device)
         out = attention(q, k_buf[:, :end], v_buf[:, :end], k_pos[start:], k_pos,
                              self.cfg.sliding_windows[layer])
