@@ -4,7 +4,7 @@
 # self-contained and clearly marked; add new sections at the end, in the same form.
 # A lent GPU gives one command at most 10 minutes (15 minutes in all): pick sections with
 # ONLY, e.g. `ONLY=offload,kernels bash bench/gpu_check.sh` (about 6 and 3 minutes at most);
-# every step has its own timeout. Sections: kernels, offload, tp, bench (default: all).
+# every step has its own timeout. Sections: kernels, offload, tp, bench, pipeline (default: all).
 # Exit status: 0 if every section run passed, 1 otherwise (every chosen section runs regardless).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +77,16 @@ if want bench; then
     section "offloading benchmark: 7B shape, 32K and 128K, 24 GB cap"
     timeout 420 $PY -m bench --synthetic 7b --contexts 32768,131072 --new-tokens 8 --budget 4096 \
         --memory-cap-gib 24 --out "$OUT" --tag 24gb 2>&1 | tee "$OUT/offload_bench.log" || status=1
+fi
+
+# ==================== section: pipelined speculation (issue 14) ====================
+# `--pipeline off` against `on` on the real GPU and its real host link (not emulated): an
+# 8B-shaped (GQA) synthetic model at 32K, budget >= context (every token accepted), gamma 16,
+# 2 repeats, bf16, no memory cap (the L2 cache holds all 32K rows). JSON for bench/results/.
+if want pipeline; then
+    section "pipelined speculation: 8B shape, 32K, real link"
+    timeout 300 $PY -m bench.pipeline_bench --device cuda --synthetic 8b --context 32768 --gamma 16 \
+        --new-tokens 86 --repeats 2 --slabs 2 --out "$OUT" --tag cuda 2>&1 | tee "$OUT/pipeline_bench.log" || status=1
 fi
 
 # ==================== (next section goes here) ====================

@@ -17,7 +17,8 @@ Budget >= context (L2 holds everything: every token is accepted); the same sessi
 on alternately (`--repeats`, medians), tokens compared. Then a PROJECTION through the cost model
 (cost.py's pipelined_round_seconds, the adaptive controller's formula) with the acceptance
 measured on the trained stories260K pair (rounds whose every token is accepted, the only ones
-whose pre-draft is used). Everything here is EMULATED (the 'GPU' is this CPU).
+whose pre-draft is used). On the CPU everything is EMULATED (the 'GPU' is this CPU); with
+`--device cuda` (bench/gpu_check.sh, section pipeline) a real GPU streams over its real link, bf16.
 """
 from __future__ import annotations
 
@@ -59,12 +60,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tokens per run (7 rounds of gamma + 1 at gamma 16; the first is not pipelined)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--slabs", type=int, default=4, help="device slabs the pass streams the layers through")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: a real GPU over its real host link (--emulate-link does not apply), bf16")
     p.add_argument("--tag", default="", help="suffix of the result file's name")
     p.add_argument("--out", default=str(RESULTS))
     return p.parse_args(argv)
 
 
-def make_session(target: Any, args: argparse.Namespace, link_gbps: float) -> Any:
+def make_session(target: Any, args: argparse.Namespace, link_gbps: float | None) -> Any:
+    """The full cache offloaded behind the link (emulated at `link_gbps` on the CPU; the real one on CUDA)."""
     from offload_runtime.caches.offloaded import OffloadedCache
     from offload_runtime.cuda_streams import make_backend
     from offload_runtime.engine import EngineSettings, Session
@@ -72,8 +76,9 @@ def make_session(target: Any, args: argparse.Namespace, link_gbps: float) -> Any
 
     capacity = args.context + 2 * (args.new_tokens + (args.gamma or AUTO_MAX_GAMMA) + 2)
     settings = EngineSettings(budget=-(-capacity // 8) * 8, chunk_size=8, gamma=args.gamma)
-    cache = OffloadedCache(target.cfg, "cpu", target.dtype, capacity, 0,
-                           backend=make_backend("cpu", link_gbps=link_gbps), n_slabs=args.slabs, link_gbps=link_gbps)
+    device = target.device
+    cache = OffloadedCache(target.cfg, device, target.dtype, capacity, 0,
+                           backend=make_backend(device, link_gbps=link_gbps), n_slabs=args.slabs, link_gbps=link_gbps)
     session = Session(target, None, SamplingParams(0.0), [], settings, None, "triforce", cache=cache)
     session.extend(make_prompt(args.context, target.cfg.vocab_size, None))
     return session
@@ -141,6 +146,15 @@ def projection(off: dict, on: dict, acc: dict) -> dict:
 def link_sessions(target: Any, args: argparse.Namespace) -> Iterator[tuple[Any, float, str]]:
     """One session per repeat with its emulated link GB/s and how that was set."""
     mode = args.emulate_link
+    if args.device == "cuda":
+        from offload_runtime.cuda_streams.probe import link_bandwidth
+
+        link = link_bandwidth(target.device) or 0.0
+        log(f"CUDA {torch.cuda.get_device_name()}: the real host link, {link:.1f} GB/s measured")
+        session = make_session(target, args, None)
+        for _ in range(args.repeats):
+            yield session, link, f"real link of {torch.cuda.get_device_name()}"
+        return
     if mode == "calibrate":  # (re)calibrated each repeat: this machine's speed drifts under load
         for _ in range(args.repeats):
             session, link, _ = calibrated_session(target, args)
@@ -166,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --emulate-link must be auto, calibrate or a positive GB/s, got {args.emulate_link}",
                   file=sys.stderr)
             return 2
-    _, target = build_pair(SHAPES[args.synthetic], torch.device("cpu"), torch.float32)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device is visible", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    _, target = build_pair(SHAPES[args.synthetic], device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     runs: dict[str, list[dict]] = {"off": [], "on": []}
     links, how = [], ""
     for session, link, how in link_sessions(target, args):
@@ -178,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     same = all(r["tokens"] == runs["off"][0]["tokens"] for rs in runs.values() for r in rs)
     acc = trained_all_accepted(args.gamma or AUTO_MAX_GAMMA)
     proj = projection(runs["off"][-1], runs["on"][-1], acc)
-    result = {"benchmark": "pipeline_bench (EMULATED link on a CPU)", "machine": machine_info(torch.device("cpu")),
+    where = "EMULATED link on a CPU" if device.type == "cpu" else "CUDA, the real host link (not emulated)"
+    result = {"benchmark": f"pipeline_bench ({where})", "machine": machine_info(device),
               "settings": vars(args), "emulated_link_gbps": links, "link": how,
               "s_per_token": med, "s_per_token_runs": {m: [r["s_per_token"] for r in rs] for m, rs in runs.items()},
               "gain": med["off"] / med["on"], "identical_tokens": same,
@@ -211,7 +230,7 @@ def table(args: argparse.Namespace, result: dict) -> str:
     med, proj, same = result["s_per_token"], result["projection"], result["identical_tokens"]
     link = statistics.median(result["emulated_link_gbps"])
     return "\n".join([
-        f"| EMULATED link {link:.3f} GB/s ({result['link']}), {args.synthetic} @ {args.context}, gamma {args.gamma or 'auto'} "
+        f"| {'EMULATED link' if args.device == 'cpu' else 'link'} {link:.3f} GB/s ({result['link']}), {args.synthetic} @ {args.context}, gamma {args.gamma or 'auto'} "
         f"| s/token | gain |",
         "|---|---|---|",
         f"| --pipeline off, budget >= context (measured, median of {args.repeats}) | {med['off']:.4f} | 1.00x |",

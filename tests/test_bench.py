@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import cost_model
 from bench.offload_bench import main
@@ -112,3 +113,5 @@ def test_pipeline_benchmark_tiny(tmp_path, capsys):
     assert pipeline_bench.main(common + ["--emulate-link", "calibrate", "--tag", "cal"]) == 0
     assert "EMULATED link" in capsys.readouterr().out
     assert pipeline_bench.main(common + ["--emulate-link", "-1"]) == 2
+    if not torch.cuda.is_available():
+        assert pipeline_bench.main(common + ["--device", "cuda"]) == 2
