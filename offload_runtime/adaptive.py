@@ -16,7 +16,9 @@ autoregressive step (the baseline's cost), the second a short probe (gamma 1); a
 estimates carry a prior of one accepted and one rejected token; and while autoregressive
 steps win, a probe round (gamma 1, no L1) runs every `probe_every` steps, an interval that
 doubles after each probe that does not win back speculation (up to a cap) and resets when
-one does. L1, when present but not chosen, is re-tried the same way.
+one does. L1, when present but not chosen, is re-tried the same way. A fully accepted probe is
+followed at once by a longer one: twice its gamma, or what one L3 pass affords in L2 steps
+(`affordable_gamma`) when that is more.
 
 Lossless by construction: the choice only sets how many tokens are proposed; every proposal
 still goes through the verification rule.
@@ -321,6 +323,13 @@ class AdaptiveSpeculation:
         _, g, d = self._best
         return self.estimates.best(context, [(g, d)])
 
+    def affordable_gamma(self, context: int) -> int:
+        """The gamma whose drafting, were every proposal rejected, costs about one L3 pass: where a pass is
+        dear (offloaded, long context) the ramp after a fully accepted probe jumps there instead of
+        doubling through passes that each yield a few tokens; where it is cheap this is ~1 (doubling)."""
+        c = self.estimates.costs(context, 1, 0)
+        return int(c.l3_pass_s / c.l2_step_s) if c.l2_step_s > 0 else 0
+
     def autoregressive_seconds_per_token(self, context: int) -> float:
         return self.estimates.seconds_per_token(context, 0, 0) if self.may_step_autoregressively else float("inf")
 
@@ -372,7 +381,7 @@ class AdaptiveSpeculation:
             return
         # a probe of speculation: a fully accepted one is followed at once by a longer one
         full = self.may_step_autoregressively and m.proposed and m.accepted == m.proposed
-        self._ramp = min(2 * m.proposed, self.max_gamma) if full else 0
+        self._ramp = min(max(2 * m.proposed, self.affordable_gamma(context)), self.max_gamma) if full else 0
         if spec_s < self.autoregressive_seconds_per_token(context):
             self.ar_backoff.reset()
         elif not self._ramp:

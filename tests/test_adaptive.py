@@ -309,3 +309,15 @@ def test_hidden_share_is_measured_where_the_predraft_runs_out_of_waits():
     _, _, blind_late = pipelined_choices(tell=False, hideable=0.6)
     mean = sum(c.gamma for c in late) / len(late)
     assert 4.5 < mean < sum(c.gamma for c in blind_late) / len(blind_late) - 1.5, Counter(c.gamma for c in late)
+
+
+@pytest.mark.parametrize("l3_s, reach", [(1.0, 2), (0.02, 5)])
+def test_the_ramp_jumps_to_what_one_pass_affords(l3_s, reach):
+    """After a fully accepted probe the next probe drafts what one L3 pass's time affords (the drafting
+    wasted were all rejected): with a pass 100 L2 steps dear, the cap after the first probe; with a pass
+    two steps dear, doubling (1, 2, 4, 8, 16)."""
+    engine = FakeEngine(l3=lambda ctx, rows: l3_s, l2=lambda rows: 0.01, a3=1.0)
+    ctl = AdaptiveSpeculation(has_draft=False)
+    gammas = [c.gamma if c.speculate else 0 for c in engine.run(ctl, 8)]
+    assert gammas[0] == 0 and gammas[1] == 1  # the warm-up step, then the first probe
+    assert gammas.index(16) == reach, gammas
