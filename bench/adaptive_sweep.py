@@ -14,7 +14,6 @@ wall-clock, CPU seconds per token (process time): steadier on a shared machine. 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from offload_runtime import loading, trained
 from offload_runtime.engine import EngineSettings, Session
 from offload_runtime.sampling import SamplingParams
 
-from .offload_bench import RESULTS, machine_info
+from .offload_bench import RESULTS, machine_info, write_json
 
 
 
@@ -133,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(runs)
     result = {"benchmark": "adaptive_sweep", "machine": machine_info(dev), "settings": vars(args),
               "prompt_tokens": len(prompt), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"adaptive_sweep_{args.tag}.json").write_text(json.dumps(result, indent=1, default=str))
+    write_json(args.out, "adaptive_sweep", result, args.tag)
     print(table(rows))
     return 0
 

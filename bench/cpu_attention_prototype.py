@@ -11,7 +11,6 @@ of cache rows (larger than the caches, like a real step), medians, and writes a 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 from kernels.reference import attention_reference
 
-from .offload_bench import RESULTS, machine_info
+from .offload_bench import RESULTS, machine_info, write_json
 
 SOURCE = Path(__file__).parent / "prototypes" / "cpu_decode_attention.cpp"
 CASES = ((16, 4, 64, 2048), (16, 16, 64, 8192), (32, 8, 128, 8192))  # query heads, KV heads, head_dim, keys
@@ -105,11 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['query_heads']}/{r['kv_heads']}, {r['head_dim']}, {r['keys']} | {r['query_rows']} "
               f"| {r['sdpa_ms']:.2f} ({r['sdpa_gbs']:.1f}) | {r['prototype_ms']:.2f} ({r['prototype_gbs']:.1f}) "
               f"| {r['read_ms']:.2f} ({r['read_gbs']:.1f}) | {r['speedup']:.2f}x |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_attention_prototype.json").write_text(json.dumps(
-        {"machine": machine_info(torch.device("cpu")), "settings": vars(args), "build_s": build_s,
-         "max_abs_diff_vs_reference": worst, "rows": rows}, indent=1))
+    write_json(args.out, "cpu_attention_prototype",
+               {"machine": machine_info(torch.device("cpu")), "settings": vars(args), "build_s": build_s,
+                "max_abs_diff_vs_reference": worst, "rows": rows})
     return 0
 
 

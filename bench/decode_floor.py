@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -35,9 +33,8 @@ from offload_runtime.kernels import decode
 from offload_runtime.model import PREFILL_CHUNK
 
 from .models import SHAPES, Shape, build_pair
-from .offload_bench import machine_info
+from .offload_bench import RESULTS, machine_info, write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter  # set by main from --clock
 
@@ -321,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # (in-process callers, e.g. the tests, get torch's defaults back)
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"decode_floor_{args.tag}.json").write_text(json.dumps(result, indent=1, default=str))
+    write_json(args.out, "decode_floor", result, args.tag)
     print(markdown(result["rows"], result["bandwidth"]))
     return 0 if all(r["tokens_equal_transformers_steps"] and r.get("tokens_equal_transformers_generate", True)
                     for r in result["rows"]) else 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 
 from . import cost_model
 from .models import DRAFTS, SHAPES, build_pair, parameter_count
-from .offload_bench import RESULTS, machine_info, make_prompt
+from .offload_bench import RESULTS, machine_info, make_prompt, write_json
 
 RTX4090_MEMORY_OVER_LINK = 1008 / 25  # ~40
 
@@ -305,13 +304,10 @@ def main(argv: list[str] | None = None) -> int:
               "note": "EMULATED: the 'GPU' is this CPU, the link a paced copy-engine thread; random weights "
                       "(budget >= context rows accept every token by construction); cost-model rows use the "
                       "acceptance of the trained stories260K pair"}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"link_bench_{args.synthetic}{'_' + args.tag if args.tag else ''}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    plot(rows, out / f"{stem}.png", f"EMULATED miniature 4090 on a CPU: {args.synthetic} synthetic (MHA, random weights)\n"
+    path = write_json(args.out, f"link_bench_{args.synthetic}", result, args.tag)
+    plot(rows, path.with_suffix(".png"), f"EMULATED miniature 4090 on a CPU: {args.synthetic} synthetic (MHA, random weights)\n"
                                     f"link {link:.3f} GB/s = memory read {membw:.2f} GB/s / {args.link_ratio:g}")
     print(markdown(rows))
     print("\n".join(where_the_time_went(rows, link)))
-    log(f"wrote {out / (stem + '.json')} and {stem}.png")
+    log(f"wrote {path} and {path.with_suffix('.png').name}")
     return 0

@@ -104,8 +104,6 @@ def sync(device: torch.device) -> None:
 
 
 def run_ours(session: Any, mode: str, draft: Any, prompt_len: int, new_tokens: int) -> tuple[dict, list[int]]:
-    from offload_runtime.engine import Session  # noqa: F401  (documentation of the type)
-
     session.truncate(prompt_len)
     session.use(mode, draft)
     clock = EmissionClock()
@@ -314,6 +312,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def write_json(out: str | Path, name: str, result: dict, tag: str = "") -> Path:
+    """`result` as `<out>/<name>[_<tag>].json` (the folder made if needed); returns the path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}{'_' + tag if tag else ''}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    return path
+
+
 def machine_info(device: torch.device) -> dict:
     import transformers
 
@@ -361,11 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     ours_ar = {c: s for (c, s), r in zip(ratio, rows) if r["system"] == "ours autoregressive"}
     hf_ar = {c: s for (c, s), r in zip(ratio, rows) if r["system"] == "transformers generate"}
     result["ours_ar_over_transformers"] = {c: ours_ar[c] / hf_ar[c] for c in ours_ar if c in hf_ar and hf_ar[c]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"offload_bench_{device.type}_{Path(name).name}{'_' + args.tag if args.tag else ''}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    plot(rows, out / f"{stem}.png", f"{Path(name).name}{'' if args.model else ' synthetic'}, "
+    path = write_json(args.out, f"offload_bench_{device.type}_{Path(name).name}", result, args.tag)
+    plot(rows, path.with_suffix(".png"), f"{Path(name).name}{'' if args.model else ' synthetic'}, "
                                     f"{machine_info(device).get('gpu', 'CPU')}")
     print(markdown_table(rows))
     for r in rows:
@@ -373,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['system']}, {r['context']}: {r['decode_cpu_s_per_token']:.4f} CPU s/token"
                   f"{', rounds ' + str(r['adaptive_rounds']) if r['adaptive_rounds'] else ''}")
     print_projections(result)
-    print(f"\nwrote {out / (stem + '.json')} and {stem}.png", file=sys.stderr)
+    print(f"\nwrote {path} and {path.with_suffix('.png').name}", file=sys.stderr)
     return 0
 
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -37,7 +35,7 @@ from offload_runtime.settings import AUTO_MAX_GAMMA
 
 from .link_bench import RTX4090_MEMORY_OVER_LINK, Clock, log, memory_read_gbps
 from .models import SHAPES, build_pair
-from .offload_bench import RESULTS, machine_info, make_prompt
+from .offload_bench import RESULTS, machine_info, make_prompt, write_json
 
 
 def gamma_arg(text: str) -> int | None:
@@ -206,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                   "draft_steps_overlapped", "predrafted_tokens_used", "predrafted_tokens_dropped", "mean_accepted_per_pass")},
               "trained_acceptance": acc, "projection": proj,
               "adaptive": {m: rs[-1]["stats"].get("adaptive") for m, rs in runs.items()}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"pipeline_bench_{args.synthetic}{'_' + args.tag if args.tag else ''}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
+    path = write_json(args.out, f"pipeline_bench_{args.synthetic}", result, args.tag)
     print(table(args, result))
     log(f"wrote {path}")
     return 0 if same else 1

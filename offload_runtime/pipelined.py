@@ -138,17 +138,8 @@ class PipelinedSpeculator(Speculator):
         block = drafted[:n] + [nxt]
         take = block[: stop_index(block, eos_ids, budget)]
         keep = base + len(take)
-        stats.l3_passes += 1
-        stats.l3_rows += len(drafted) + 1
-        stats.l3_proposed += len(drafted)
-        stats.l3_accepted += n
-        stats.rounds_all_accepted += n == len(drafted)
-        stats.emitted_in_rounds += len(take)
         rows = caches.retrieval.length  # the pre-draft's rows end here
-        caches.keep(base, keep)
-        refreshed = self.refresh.due(stats.l3_passes, n, len(drafted))
-        if refreshed:
-            caches.select(keep, len(take) - 1 - (len(drafted) + 1))
+        refreshed = self._settle(base, len(drafted), n, len(take))
         rest = len(pre.tokens) - int(n == len(drafted) and bool(pre.tokens))  # all but a verified x1
         if x1_ok and len(take) == len(block) and not refreshed and rest:
             self.carry = Carry(pre.tokens[1:], pre.chain.dists[1:], len(caches.tokens) + len(take), keep, rows,

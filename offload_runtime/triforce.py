@@ -154,18 +154,26 @@ class Speculator:
             n, nxt = self.sampler.verify(drafted, q, p)
         block = drafted[:n] + [nxt]
         take = block[: stop_index(block, eos_ids, budget)]  # an EOS ends the answer there
-        keep = base + len(take)  # rows: the newest context token, then every emitted token but the last
-        stats.l3_passes += 1
-        stats.l3_rows += len(drafted) + 1
-        stats.l3_proposed += len(drafted)
-        stats.l3_accepted += n
-        stats.rounds_all_accepted += n == len(drafted)
-        stats.emitted_in_rounds += len(take)
-        caches.keep(base, keep)  # the L3 pass computed the true K/V of these rows
-        if self.refresh.due(stats.l3_passes, n, len(drafted)):
-            # the query of the last kept row; recent_queries holds the pass's last rows, so index from the end
-            caches.select(keep, len(take) - 1 - (len(drafted) + 1))
+        self._settle(base, len(drafted), n, len(take))
         return take
+
+    def _settle(self, base: int, proposed: int, accepted: int, emitted: int) -> bool:
+        """After an L3 verdict: count the pass, keep the rows of the emitted tokens (but the last), and
+        rebuild the retrieval selection when due. Returns whether it was rebuilt."""
+        caches, stats = self.caches, self.stats
+        keep = base + emitted  # rows: the newest context token, then every emitted token but the last
+        stats.l3_passes += 1
+        stats.l3_rows += proposed + 1
+        stats.l3_proposed += proposed
+        stats.l3_accepted += accepted
+        stats.rounds_all_accepted += accepted == proposed
+        stats.emitted_in_rounds += emitted
+        caches.keep(base, keep)  # the L3 pass computed the true K/V of these rows
+        refreshed = self.refresh.due(stats.l3_passes, accepted, proposed)
+        if refreshed:
+            # the query of the last kept row; recent_queries holds the pass's last rows, so index from the end
+            caches.select(keep, emitted - 1 - (proposed + 1))
+        return refreshed
 
     def _draft_l2(self, gamma: int, draft_gamma: int) -> tuple[list[int], torch.Tensor]:
         """gamma tokens sampled (losslessly) from L2, and L2's distribution at each, [gamma, V]."""
