@@ -8,9 +8,10 @@ A decode step must read every weight and the cache rows it attends to. For each 
   cycling through the caches as in a step: the practical floor of the weights), separate and
   with q/k/v and gate/up fused into one weight each (does fusing pay?);
 - the attention alone over every layer's cache rows (achieved GB/s of the cache);
-- the end-to-end step, ours (decode attention, kernels/decode.py), ours on the old path (SDPA
-  for every block) and transformers (LlamaForCausalLM, its own DynamicCache, greedy), the
-  three interleaved step by step so machine noise hits them alike; medians;
+- the end-to-end step, ours (decode attention, kernels/decode.py), ours compiled (`--compile`:
+  offload_runtime/compiled.py, one torch.compile graph per step; its compile time reported),
+  ours on the old path (SDPA for every block) and transformers (LlamaForCausalLM, its own
+  DynamicCache, greedy), interleaved step by step so machine noise hits them alike; medians;
 - prefill tokens/s: ours, ours on the old path, transformers;
 - greedy tokens: ours == transformers' step loop, and == transformers' `generate`.
 Floor = (weight bytes + cache bytes) / read GB/s. Results: bench/results/decode_floor_<tag>.json.
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from offload_runtime import kernels
+from offload_runtime import compiled, kernels
 from offload_runtime.caches.full import FullCache
 from offload_runtime.kernels import decode
 from offload_runtime.model import PREFILL_CHUNK
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="do not flush denormals (both systems; random weights make many, and they are slow)")
     p.add_argument("--no-generate-check", action="store_true", help="skip transformers' generate (one more prefill)")
     p.add_argument("--no-old-path", action="store_true", help="skip the old (SDPA-only) path")
+    p.add_argument("--no-compiled", action="store_true", help="skip the compiled step (--compile; needs a C++ compiler)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="cpu_300m")
     return p.parse_args(argv)
@@ -192,17 +194,42 @@ def prefills(hf: Any, ours: Any, prompt: list[int], steps: int, old_path: bool) 
     return res
 
 
-def decode_steps(hf: Any, ours: Any, pre: dict, steps: int, old_path: bool) -> dict:
-    """`steps` greedy steps of each system, interleaved; the old path re-runs ours' step on the same
-    token and cache (then the row is dropped), so old and new see identical inputs."""
+def compiled_step(ours: Any, cache: FullCache, token: int, step: compiled.CompiledStep) -> int:
+    """Ours' step through the compiled graph (asserted taken: a silent fall-back would time the eager step)."""
+    ours.one_token_step, calls = step, step.calls
+    try:
+        out = our_step(ours, cache, token)
+    finally:
+        ours.one_token_step = None
+    if step.calls != calls + 1:
+        raise RuntimeError("the compiled step was not taken")
+    return out
+
+
+def compile_once(ours: Any, cache: FullCache, token: int) -> tuple[compiled.CompiledStep, float]:
+    """A compiled step and its compile time (the first call; that row is dropped again)."""
+    step = compiled.build(ours)
+    s, _ = timed(lambda: compiled_step(ours, cache, token, step))
+    cache.truncate(cache.length - 1)
+    return step, s
+
+
+def decode_steps(hf: Any, ours: Any, pre: dict, steps: int, old_path: bool, step: compiled.CompiledStep | None) -> dict:
+    """`steps` greedy steps of each system, interleaved; the old path and the compiled step re-run
+    ours' step on the same token and cache (then the row is dropped), so they see identical inputs."""
     cache, hf_cache = pre["cache"], pre["hf_cache"]
-    ours_tok, hf_tok = [pre["ours_first"]], [pre["hf_first"]]
-    t = {"ours": [], "old": [], "hf": []}
+    ours_tok, hf_tok, compiled_tok = [pre["ours_first"]], [pre["hf_first"]], [pre["ours_first"]]
+    t = {"ours": [], "old": [], "hf": [], "compiled": []}
     for _ in range(steps):
         if old_path:
             with OldPath():
                 s, _ = timed(lambda: our_step(ours, cache, ours_tok[-1]))
             t["old"].append(s)
+            cache.truncate(cache.length - 1)
+        if step is not None:
+            s, tok = timed(lambda: compiled_step(ours, cache, ours_tok[-1], step))
+            t["compiled"].append(s)
+            compiled_tok.append(tok)
             cache.truncate(cache.length - 1)
         s, tok = timed(lambda: our_step(ours, cache, ours_tok[-1]))
         t["ours"].append(s)
@@ -213,7 +240,8 @@ def decode_steps(hf: Any, ours: Any, pre: dict, steps: int, old_path: bool) -> d
     warm = min(2, steps - 1)
     med = {k: statistics.median(v[warm:]) if v else None for k, v in t.items()}
     return {"ours_step_s": med["ours"], "old_step_s": med["old"], "hf_step_s": med["hf"],
-            "ours_tokens": ours_tok, "hf_tokens": hf_tok}
+            "compiled_step_s": med["compiled"], "ours_tokens": ours_tok, "hf_tokens": hf_tok,
+            "compiled_tokens": compiled_tok if step is not None else None}
 
 
 def hf_generate(hf: Any, prompt: list[int], n: int) -> list[int]:
@@ -239,6 +267,8 @@ def floors(row: dict, read_gbs: float) -> dict:
             "ours_over_floor": row["ours_step_s"] / floor, "ours_over_practical_floor": row["ours_step_s"] / practical,
             "ours_over_transformers": row["ours_step_s"] / row["hf_step_s"],
             "old_over_floor": row["old_step_s"] / floor if row["old_step_s"] else None,
+            "compiled_over_floor": row["compiled_step_s"] / floor if row["compiled_step_s"] else None,
+            "compiled_over_transformers": row["compiled_step_s"] / row["hf_step_s"] if row["compiled_step_s"] else None,
             "step_weights_gbs": row["weight_bytes"] / row["matvec_s"] / 1e9,
             "other_s": row["ours_step_s"] - row["matvec_s"] - row["attention_s"]}
 
@@ -249,15 +279,21 @@ def run_case(args: argparse.Namespace, context: int, kind: str, read_gbs: float)
     prompt = torch.randint(0, shape.vocab, (context,), generator=torch.Generator().manual_seed(context)).tolist()
     print(f"[{context} {kind}] prefill ...", file=sys.stderr, flush=True)
     pre = prefills(hf, ours, prompt, args.steps, not args.no_old_path)
+    step, compile_s = None, None
+    if not args.no_compiled:
+        print(f"[{context} {kind}] compiling the one-token step ...", file=sys.stderr, flush=True)
+        step, compile_s = compile_once(ours, pre["cache"], pre["ours_first"])
     print(f"[{context} {kind}] decode ...", file=sys.stderr, flush=True)
-    dec = decode_steps(hf, ours, pre, args.steps, not args.no_old_path)
+    dec = decode_steps(hf, ours, pre, args.steps, not args.no_old_path, step)
     cache = pre.pop("cache")
     row = {"context": context, "kind": kind, "kv_heads": shape.kv_heads, **matvec_floor(ours, args.repeats),
-           **attention_pass(ours, cache, args.repeats), **dec}
+           **attention_pass(ours, cache, args.repeats), **dec, "compile_s": compile_s}
     row["cache_bytes_per_step"] = row.pop("cache_bytes")  # rows at the end of the run (context + steps)
     row["prefill_tok_s"] = {"ours": context / pre["ours_prefill_s"], "transformers": context / pre["hf_prefill_s"],
                             "ours_old_path": context / pre["old_prefill_s"] if "old_prefill_s" in pre else None}
     row["tokens_equal_transformers_steps"] = dec["ours_tokens"] == dec["hf_tokens"]
+    if step is not None:  # the compiled step's greedy choice at each of ours' positions
+        row["compiled_tokens_equal_transformers_steps"] = dec["compiled_tokens"] == dec["hf_tokens"]
     if not args.no_generate_check:
         print(f"[{context} {kind}] transformers generate ...", file=sys.stderr, flush=True)
         row["tokens_equal_transformers_generate"] = hf_generate(hf, prompt, len(dec["ours_tokens"])) == dec["ours_tokens"]
@@ -273,26 +309,38 @@ def verdicts(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         floor_max, hf_max = TARGETS[r["kind"]]
-        line = f"{r['context']} {r['kind'].upper()}: ours/floor {r['ours_over_floor']:.2f} (target <= {floor_max})"
-        if hf_max is not None:
-            line += f", ours/transformers {r['ours_over_transformers']:.2f} (target <= {hf_max})"
-        out.append(line)
+        for name, key in (("ours", "ours"), ("ours compiled", "compiled")):
+            if r.get(f"{key}_over_floor") is None:
+                continue
+            line = f"{r['context']} {r['kind'].upper()}: {name}/floor {r[f'{key}_over_floor']:.2f} (target <= {floor_max})"
+            if hf_max is not None:
+                line += f", {name}/transformers {r[f'{key}_over_transformers']:.2f} (target <= {hf_max})"
+            out.append(line)
     return out
+
+
+def tokens_equal(row: dict) -> bool:
+    """Ours (and the compiled step, when run) chose transformers' greedy tokens."""
+    return (row["tokens_equal_transformers_steps"] and row.get("tokens_equal_transformers_generate", True)
+            and row.get("compiled_tokens_equal_transformers_steps", True))
 
 
 def markdown(rows: list[dict], bw: dict) -> str:
     ms = lambda s: f"{s * 1e3:.1f}" if s is not None else "-"  # noqa: E731
     lines = [f"read bandwidth {bw['read_gbs']:.1f} GB/s (sum {bw['sum_gbs']:.1f}, mv {bw['mv_gbs']:.1f})", "",
-             "| case | floor ms | matvec-alone floor ms | ours ms | old path ms | transformers ms | ours/floor "
-             "| ours/transformers | weights GB/s (matvec alone, fused) | cache GB/s (attention alone) | prefill tok/s ours / old / transformers | tokens = transformers |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | floor ms | matvec-alone floor ms | ours ms | ours compiled ms | old path ms | transformers ms "
+             "| ours/floor | ours/transformers | compiled/floor | compiled/transformers | weights GB/s (matvec alone, fused) "
+             "| cache GB/s (attention alone) | prefill tok/s ours / old / transformers | tokens = transformers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["prefill_tok_s"]
         old = f"{p['ours_old_path']:.0f}" if p["ours_old_path"] else "-"
-        same = r["tokens_equal_transformers_steps"] and r.get("tokens_equal_transformers_generate", True)
+        same = tokens_equal(r)
+        ratio = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
         lines.append(f"| {r['context']} {r['kind'].upper()} | {ms(r['floor_s'])} | {ms(r['practical_floor_s'])} "
-                     f"| {ms(r['ours_step_s'])} | {ms(r['old_step_s'])} | {ms(r['hf_step_s'])} | {r['ours_over_floor']:.2f} "
-                     f"| {r['ours_over_transformers']:.2f} | {r['matvec_gbs']:.1f}, {r['fused_matvec_gbs']:.1f} "
+                     f"| {ms(r['ours_step_s'])} | {ms(r['compiled_step_s'])} | {ms(r['old_step_s'])} | {ms(r['hf_step_s'])} "
+                     f"| {r['ours_over_floor']:.2f} | {r['ours_over_transformers']:.2f} | {ratio(r['compiled_over_floor'])} "
+                     f"| {ratio(r['compiled_over_transformers'])} | {r['matvec_gbs']:.1f}, {r['fused_matvec_gbs']:.1f} "
                      f"| {r['attention_gbs']:.1f} | {p['ours']:.0f} / {old} / {p['transformers']:.0f} | {same} |")
     return "\n".join(lines + [""] + verdicts(rows))
 
@@ -320,8 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_flush_denormal(False)
     write_json(args.out, "decode_floor", result, args.tag)
     print(markdown(result["rows"], result["bandwidth"]))
-    return 0 if all(r["tokens_equal_transformers_steps"] and r.get("tokens_equal_transformers_generate", True)
-                    for r in result["rows"]) else 1
+    return 0 if all(tokens_equal(r) for r in result["rows"]) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -72,13 +72,20 @@ class FusedLinear:
                 and all(lin.weight.shape[1] == first.shape[1] and lin.weight.device == first.device
                         and lin.weight.dtype == first.dtype and lin.weight.device.type != "meta" for lin in linears))
 
-    def _pointers(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for lin in self.linears for t in (lin.weight, lin.bias) if t is not None)
+    def _pointers(self) -> tuple[tuple[int, int | None], ...]:
+        return tuple((lin.weight.data_ptr(), None if lin.bias is None else lin.bias.data_ptr()) for lin in self.linears)
 
     def current(self, linears: list[nn.Linear]) -> bool:
-        """Whether these are the Linears fused here and their weights still are views of this matrix."""
-        return (len(linears) == len(self.linears) and all(a is b for a, b in zip(linears, self.linears))
-                and self._pointers() == self._ptrs and all(lin.weight.shape[0] == n for lin, n in zip(linears, self.sizes)))
+        """Whether these are the Linears fused here and their weights still are views of this matrix
+        (a plain loop: it runs for every layer of every forward)."""
+        if len(linears) != len(self.linears):
+            return False
+        for lin, mine, n, (w_ptr, b_ptr) in zip(linears, self.linears, self.sizes, self._ptrs):
+            weight, bias = lin.weight, lin.bias
+            if (lin is not mine or weight.data_ptr() != w_ptr or weight.shape[0] != n
+                    or (None if bias is None else bias.data_ptr()) != b_ptr):
+                return False
+        return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -177,6 +184,8 @@ class CausalLM(nn.Module):
         self.model = DecoderStack(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.hf_config)
+        # (model, tokens, cache) -> logits or None: a faster path for one-token steps (compiled.enable)
+        self.one_token_step: Callable[["CausalLM", torch.Tensor, KVCache], torch.Tensor | None] | None = None
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:
@@ -202,6 +211,11 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """tokens: [T] (one sequence). Returns fp32 logits [T, V] (or [1, V] with last_only)."""
+        if self.one_token_step is not None and tokens.shape[0] == 1:
+            logits = self.one_token_step(self, tokens, cache)
+            if logits is not None:
+                cache.advance(1)
+                return logits
         x, cos, sin = self._embed(tokens, cache)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache)

@@ -88,6 +88,9 @@ def add_memory_flags(p: argparse.ArgumentParser) -> None:
                    "PCIe link of this many GB/s (a copy-engine thread), to measure the consumer-GPU regime")
     g.add_argument("--max-context", type=int, default=None,
                    help="tokens the full cache is planned and allocated for (default: prompt + --max-new-tokens + gamma + 1)")
+    g.add_argument("--compile", action="store_true",
+                   help="CPU: run one-token decode steps (autoregressive, TriForce's L2) as one torch.compile graph; "
+                   "needs a C++ compiler, compiles ~30 s at the first step")
 
 
 def prompt_text(args: argparse.Namespace) -> str:
@@ -259,6 +262,10 @@ def load_models(args: argparse.Namespace, device: Any, transform: Any = None) ->
     from .vocabulary import check_same_vocabulary
 
     target = loading.load(args.model, device, args.dtype, transform=transform)
+    if getattr(args, "compile", False):
+        from . import compiled
+
+        compiled.enable(target.model)
     draft = None
     if args.draft and args.mode == "triforce":
         draft = loading.load(args.draft, device, args.dtype)

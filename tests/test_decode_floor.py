@@ -9,7 +9,7 @@ from bench.decode_floor import main
 def test_tiny_decode_floor_writes_json_and_matches_transformers(tmp_path, capsys):
     assert main(["--synthetic", "tiny", "--cases", "40:gqa,33:mha", "--steps", "4", "--repeats", "1",
                  "--bandwidth-gib", "0.01", "--threads", "1", "--clock", "cpu", "--out", str(tmp_path),
-                 "--tag", "tiny"]) == 0
+                 "--tag", "tiny", "--no-compiled"]) == 0
     result = json.loads((tmp_path / "decode_floor_tiny.json").read_text())
     assert result["bandwidth"]["read_gbs"] > 0 and result["machine"]["flush_denormal"]
     assert [(r["context"], r["kind"], r["kv_heads"]) for r in result["rows"]] == [(40, "gqa", 2), (33, "mha", 4)]

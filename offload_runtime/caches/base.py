@@ -28,6 +28,16 @@ class KVCache(ABC):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k/v [Hkv, T, D] as rows length..length+T of `layer`; return attention of q [Hq, T, D]."""
 
+    def one_token_rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
+        """For the compiled one-token step (compiled.py): every layer's K and V buffers [Hkv, rows, D]
+        and the row the next token's K/V goes to (reserved), when that token attends to rows
+        [0, row] of each buffer with no mask and the buffers have rows past `row` (a slice that is
+        the whole buffer would be a second graph); None (the default) when this cache cannot say so."""
+        return None
+
+    def one_token_queries(self, queries: torch.Tensor) -> None:
+        """The compiled step's rotated queries, [layers, Hq, 1, D] (what `attend` would have seen)."""
+
     def advance(self, n: int) -> None:
         """Called once per forward, after every layer has attended."""
         self.length += n

@@ -51,6 +51,16 @@ class FullCache(FullKVCache):
             self.cfg.sliding_windows[layer],
         )
 
+    def one_token_rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
+        row = self.length  # the token at position `row` sees rows 0..row unless a window ends before row 0
+        if any(w is not None and row >= w for w in self.cfg.sliding_windows):
+            return None
+        self._reserve(row + 1)
+        return (self.k, self.v, row) if row + 1 < self.capacity else None
+
+    def one_token_queries(self, queries: torch.Tensor) -> None:
+        self.recent_queries = list(queries.unbind(0))  # as attend keeps them: this forward's queries
+
     def open_layer(self, layer: int, n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
         if layer == 0:
             self._reserve(self.length + n_new)

@@ -131,6 +131,16 @@ class RetrievalCache(KVCache):
         return attention(q, self.k[layer][:, :b], self.v[layer][:, :b], pos[0, a:b], pos[:, :b],
                          self.cfg.sliding_windows[layer])
 
+    def one_token_rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
+        if any(w is not None for w in self.cfg.sliding_windows):  # a window may hide selected rows
+            return None
+        a = self._slot(self.length)
+        self._reserve(a + 1)
+        if a + 1 >= self.capacity:
+            return None
+        self.pos[:, :, a] = self.length
+        return self.k, self.v, a  # every stored row is a selected or a past token: all visible
+
     def truncate(self, length: int) -> None:
         if not self.base <= length <= self.length:
             raise ValueError(f"cannot truncate the retrieval cache ({self.base}..{self.length}) to {length}")

@@ -1,0 +1,145 @@
+"""The one-token decode step compiled into one graph (torch.compile, inductor, C++ wrapper): opt-in, CPU.
+
+Why: on a CPU a decode step should cost the read of the weights and of the cache rows. In eager
+mode it costs that plus ~70 small ops per layer (norms, RoPE, residuals, slicing, the attention
+call), each a few microseconds of dispatch made slower by the weight stream evicting the
+interpreter's caches: ~15 ms of a 2K-context step of a 16-layer 1024-wide model on a 2-core
+Xeon, against ~31 ms of matrix-vector products (README, "CPU decoding against the bandwidth
+floor"). Compiled, the small ops become a few fused C++ loops and every call (products, SDPA)
+is made from C++; the step then takes ~0.67x transformers' time instead of ~0.80x.
+
+What it covers: one new token, on CPU, with the projections fused (model.fuse_projections), the
+model not tensor-parallel, and a cache that can say where the token's K/V row goes and that the
+token sees every stored row without a mask (`KVCache.one_token_rows`: the full cache and the
+retrieval cache; not where a sliding window would hide rows). Anything else -- prompt chunks,
+verification blocks, the offloaded or streaming caches, CUDA -- runs the eager forward, so the
+compiled step is never the only path. Its numbers equal the eager step's up to fp32 summation
+order (the compiler fuses the norms' reductions), which the tests bound and which leaves greedy
+tokens equal to transformers' in the benchmark.
+
+Cost: compiling takes ~30 s at the first one-token step of a process (on 2 cores; inductor keeps
+its output in its on-disk cache, so a later process is faster) and needs a C++ compiler; one
+graph serves every context length (dynamic shapes).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Callable
+
+import torch
+import torch.fx.experimental._config as shape_config
+import torch.nn.functional as F
+
+from .caches.base import KVCache
+from .config import ModelConfig
+from .errors import UserError
+from .rope import apply_rotary
+
+LayerWeights = tuple[torch.Tensor | None, ...]  # norm, qkv (w, b), o (w, b), norm, gate_up (w, b), down (w, b)
+
+
+def compiler_problem() -> str | None:
+    """Why torch.compile cannot build CPU code here (None when it can): inductor needs a C++ compiler."""
+    cxx = os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None and shutil.which("c++") is None:
+        return f"no C++ compiler found ({cxx}, c++); install one (e.g. `apt install g++`) or set CXX"
+    return None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def one_token_graph(eps: float, n_heads: int, n_kv_heads: int, head_dim: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The step for one model shape; its sizes and eps are constants of the graph (as arguments
+    they would be symbolic under dynamic shapes: slower code and more guards)."""
+    nq, nk, g = n_heads, n_kv_heads, n_heads // n_kv_heads
+
+    def one_token(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, row: int, layers: list[LayerWeights],
+                  k_bufs: list[torch.Tensor], v_bufs: list[torch.Tensor], norm_w: torch.Tensor,
+                  head_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward of one token x [1, H]: writes its K/V at `row` of every layer's buffers,
+        attends to rows [0, row] (no mask: all visible); returns fp32 logits [1, V] and the
+        rotated queries [layers, Hq, 1, D]. The ops of DecoderLayer.forward, attention maskless."""
+        end, queries = row + 1, []
+        for (ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b), kb, vb in zip(layers, k_bufs, v_bufs):
+            heads = F.linear(_rms_norm(x, ln1, eps), qkv_w, qkv_b).view(1, -1, head_dim).transpose(0, 1)
+            qk = apply_rotary(heads[:nq + nk], cos, sin)
+            q = qk[:nq]
+            kb[:, row:end] = qk[nq:]
+            vb[:, row:end] = heads[nq + nk:]
+            out = F.scaled_dot_product_attention(q.reshape(1, nk, g, head_dim), kb[None, :, :end], vb[None, :, :end])
+            x = x + F.linear(out.reshape(1, nq * head_dim), o_w, o_b)
+            gate, up = F.linear(_rms_norm(x, ln2, eps), gu_w, gu_b).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, down_w, down_b)
+            queries.append(q)
+        return F.linear(_rms_norm(x, norm_w, eps), head_w).float(), torch.stack(queries)
+
+    return one_token
+
+
+def layer_weights(model: Any) -> list[LayerWeights] | None:
+    """Every layer's weights in ``one_token`'s order, or None if some layer's fused matrices are
+    missing or stale (FusedLinear.current): then the step runs eagerly."""
+    out = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if (attn.qkv is None or mlp.gate_up is None
+                or not attn.qkv.current([attn.q_proj, attn.k_proj, attn.v_proj])
+                or not mlp.gate_up.current([mlp.gate_proj, mlp.up_proj])):
+            return None
+        out.append((layer.input_layernorm.weight, attn.qkv.weight, attn.qkv.bias, attn.o_proj.weight, attn.o_proj.bias,
+                    layer.post_attention_layernorm.weight, mlp.gate_up.weight, mlp.gate_up.bias,
+                    mlp.down_proj.weight, mlp.down_proj.bias))
+    return out
+
+
+class CompiledStep:
+    """`model.one_token_step`: the compiled graph and when to use it (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, eps: float) -> None:
+        self.graph = torch.compile(one_token_graph(eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+                                   dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+        self.calls = 0  # compiled steps taken (the tests and the bench check it is used)
+
+    def __call__(self, model: Any, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """fp32 logits [1, V] of the one token, written to `cache` (not advanced); None: not taken."""
+        if tokens.shape[0] != 1 or tokens.device.type != "cpu" or getattr(model, "tp_world_size", 1) != 1:
+            return None
+        weights = layer_weights(model)
+        if weights is None:
+            return None
+        x, cos, sin = model._embed(tokens, cache)  # positions before one_token_rows reserves the row
+        slots = cache.one_token_rows()
+        if slots is None:
+            return None
+        k_bufs, v_bufs, row = slots
+        # No "duck" sizes: a weight's width that happens to equal a buffer's row count must not
+        # become a guard (it would recompile when the buffers grow).
+        with shape_config.patch(use_duck_shape=False):
+            logits, queries = self.graph(x, cos, sin, row, weights, k_bufs, v_bufs, model.model.norm.weight,
+                                         model.lm_head.weight)
+        cache.one_token_queries(queries)
+        self.calls += 1
+        return logits
+
+
+def build(model: Any) -> CompiledStep:
+    """A compiled step for this model's shape (compiled at its first call), not yet attached."""
+    return CompiledStep(model.cfg, model.model.norm.eps)
+
+
+def enable(model: Any) -> Any:
+    """Give `model` the compiled one-token step (compiled at its first use). Returns the model.
+    Raises UserError where it cannot work: no C++ compiler, a CUDA model (not measured there)."""
+    if model.device.type != "cpu":
+        raise UserError("--compile is for CPU decoding (the compiled step has not been measured on a GPU)")
+    if getattr(model, "tp_world_size", 1) != 1:
+        raise UserError("--compile does not take a tensor-parallel model (the compiled step has no all-reduce)")
+    problem = compiler_problem()
+    if problem is not None:
+        raise UserError(f"--compile needs a C++ compiler for torch.compile: {problem}")
+    model.one_token_step = build(model)
+    return model
