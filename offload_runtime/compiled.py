@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .caches.base import KVCache
 from .config import ModelConfig
 from .errors import UserError
-from .rope import apply_rotary
+from .rope import apply_rotary, rope_tables
 
 LayerWeights = tuple[torch.Tensor | None, ...]  # norm, qkv (w, b), o (w, b), norm, gate_up (w, b), down (w, b)
 
@@ -57,12 +57,15 @@ def one_token_graph(eps: float, n_heads: int, n_kv_heads: int, head_dim: int) ->
     they would be symbolic under dynamic shapes: slower code and more guards)."""
     nq, nk, g = n_heads, n_kv_heads, n_heads // n_kv_heads
 
-    def one_token(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, row: int, layers: list[LayerWeights],
-                  k_bufs: list[torch.Tensor], v_bufs: list[torch.Tensor], norm_w: torch.Tensor,
+    def one_token(token: torch.Tensor, position: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                  embed_w: torch.Tensor, row: int, layers: list[LayerWeights], k_bufs: list[torch.Tensor],
+                  v_bufs: list[torch.Tensor], norm_w: torch.Tensor,
                   head_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward of one token x [1, H]: writes its K/V at `row` of every layer's buffers,
-        attends to rows [0, row] (no mask: all visible); returns fp32 logits [1, V] and the
-        rotated queries [layers, Hq, 1, D]. The ops of DecoderLayer.forward, attention maskless."""
+        """The forward of one token [1] at `position` [1]: writes its K/V at `row` of every layer's
+        buffers, attends to rows [0, row] (no mask: all visible); returns fp32 logits [1, V] and
+        the rotated queries [layers, Hq, 1, D]. The ops of CausalLM.forward, attention maskless."""
+        x = F.embedding(token, embed_w)
+        cos, sin = rope_tables(position, inv_freq, scaling, x.dtype)
         end, queries = row + 1, []
         for (ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b), kb, vb in zip(layers, k_bufs, v_bufs):
             heads = F.linear(_rms_norm(x, ln1, eps), qkv_w, qkv_b).view(1, -1, head_dim).transpose(0, 1)
@@ -81,18 +84,22 @@ def one_token_graph(eps: float, n_heads: int, n_kv_heads: int, head_dim: int) ->
 
 
 def layer_weights(model: Any) -> list[LayerWeights] | None:
-    """Every layer's weights in ``one_token`'s order, or None if some layer's fused matrices are
-    missing or stale (FusedLinear.current): then the step runs eagerly."""
+    """Every layer's weights in `one_token`'s order, or None if some layer's fused matrices are
+    missing or stale (FusedLinear.current): then the step runs eagerly. Read through the modules'
+    `_modules` / `_parameters` dicts: it runs every step, and `module.attr` costs ~0.5 us each."""
     out = []
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if (attn.qkv is None or mlp.gate_up is None
-                or not attn.qkv.current([attn.q_proj, attn.k_proj, attn.v_proj])
-                or not mlp.gate_up.current([mlp.gate_proj, mlp.up_proj])):
+        mods = layer._modules
+        attn, mlp = mods["self_attn"], mods["mlp"]
+        a, m = attn._modules, mlp._modules
+        qkv, gate_up = attn.qkv, mlp.gate_up
+        if (qkv is None or gate_up is None or not qkv.current([a["q_proj"], a["k_proj"], a["v_proj"]])
+                or not gate_up.current([m["gate_proj"], m["up_proj"]])):
             return None
-        out.append((layer.input_layernorm.weight, attn.qkv.weight, attn.qkv.bias, attn.o_proj.weight, attn.o_proj.bias,
-                    layer.post_attention_layernorm.weight, mlp.gate_up.weight, mlp.gate_up.bias,
-                    mlp.down_proj.weight, mlp.down_proj.bias))
+        o, down = a["o_proj"]._parameters, m["down_proj"]._parameters
+        out.append((mods["input_layernorm"]._parameters["weight"], qkv.weight, qkv.bias, o["weight"], o["bias"],
+                    mods["post_attention_layernorm"]._parameters["weight"], gate_up.weight, gate_up.bias,
+                    down["weight"], down["bias"]))
     return out
 
 
@@ -111,16 +118,17 @@ class CompiledStep:
         weights = layer_weights(model)
         if weights is None:
             return None
-        x, cos, sin = model._embed(tokens, cache)  # positions before one_token_rows reserves the row
+        position = cache.positions(1, tokens.device)  # before one_token_rows reserves the row
         slots = cache.one_token_rows()
         if slots is None:
             return None
         k_bufs, v_bufs, row = slots
+        inv_freq, scaling = model.rope.tables_for(position)
         # No "duck" sizes: a weight's width that happens to equal a buffer's row count must not
         # become a guard (it would recompile when the buffers grow).
         with shape_config.patch(use_duck_shape=False):
-            logits, queries = self.graph(x, cos, sin, row, weights, k_bufs, v_bufs, model.model.norm.weight,
-                                         model.lm_head.weight)
+            logits, queries = self.graph(tokens, position, inv_freq, scaling, model.model.embed_tokens.weight, row,
+                                         weights, k_bufs, v_bufs, model.model.norm.weight, model.lm_head.weight)
         cache.one_token_queries(queries)
         self.calls += 1
         return logits

@@ -77,11 +77,12 @@ class FusedLinear:
 
     def current(self, linears: list[nn.Linear]) -> bool:
         """Whether these are the Linears fused here and their weights still are views of this matrix
-        (a plain loop: it runs for every layer of every forward)."""
+        (a plain loop over the `_parameters` dicts: it runs for every layer of every forward)."""
         if len(linears) != len(self.linears):
             return False
         for lin, mine, n, (w_ptr, b_ptr) in zip(linears, self.linears, self.sizes, self._ptrs):
-            weight, bias = lin.weight, lin.bias
+            params = lin._parameters
+            weight, bias = params["weight"], params.get("bias")
             if (lin is not mine or weight.data_ptr() != w_ptr or weight.shape[0] != n
                     or (None if bias is None else bias.data_ptr()) != b_ptr):
                 return False

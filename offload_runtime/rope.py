@@ -79,17 +79,29 @@ class RotaryEmbedding:
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape [T, head_dim] for the positions of one forward."""
+        inv_freq, scaling = self.tables_for(positions)
+        return rope_tables(positions, inv_freq, scaling, dtype)
+
+    def tables_for(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The frequencies [head_dim / 2] (fp32, on the positions' device) and scaling for these
+        positions (dynamic NTK first updates its state, as transformers does)."""
         if "dynamic" in self.rope_type and positions.numel():
             self._dynamic_update(int(positions.max()) + 1, positions.device)
-        freqs = positions[:, None].float() * self.inv_freq.to(positions.device, torch.float32)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+        return self.inv_freq.to(positions.device, torch.float32), self.attention_scaling
 
     def shift(self, x: torch.Tensor, delta: int) -> torch.Tensor:
         """Rotate already-rotated vectors by `delta` positions (RoPE rotations compose exactly)."""
         freqs = float(delta) * self.inv_freq.to(x.device, torch.float32)
         emb = torch.cat((freqs, freqs), dim=-1)
         return apply_rotary(x.float(), emb.cos(), emb.sin()).to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, head_dim] of `positions` [T] (a pure function: the compiled step traces it)."""
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

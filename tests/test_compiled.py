@@ -39,9 +39,14 @@ def prompt_ids(tokenizer, long_text, n: int) -> list[int]:
     return tokenizer(long_text)["input_ids"][:n]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: the projections' biases
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+FAMILIES = {"qwen2": ("qwen2", {}),  # the projections' biases
+            "llama-yarn": ("llama", dict(max_position_embeddings=128, rope_parameters=YARN))}  # RoPE scaling != 1
+
+
+@pytest.mark.parametrize("family", ["llama", *FAMILIES])
 def test_compiled_greedy_equals_transformers_generate(family, checkpoint, tokenizer, llama):
-    path, model = llama if family == "llama" else (checkpoint("qwen2"), None)
+    path, model = llama if family == "llama" else (checkpoint(FAMILIES[family][0], **FAMILIES[family][1]), None)
     model = model or compiled.enable(load(path))
     ids = tokenizer(PROMPT)["input_ids"]
     calls = model.one_token_step.calls
