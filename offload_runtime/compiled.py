@@ -1,12 +1,12 @@
 """The one-token decode step compiled into one graph (torch.compile, inductor, C++ wrapper): opt-in, CPU.
 
 Why: on a CPU a decode step should cost the read of the weights and of the cache rows. In eager
-mode it costs that plus ~70 small ops per layer (norms, RoPE, residuals, slicing, the attention
+mode it costs that plus ~40 small ops per layer (norms, RoPE, residuals, slicing, the attention
 call), each a few microseconds of dispatch made slower by the weight stream evicting the
-interpreter's caches: ~15 ms of a 2K-context step of a 16-layer 1024-wide model on a 2-core
-Xeon, against ~31 ms of matrix-vector products (README, "CPU decoding against the bandwidth
-floor"). Compiled, the small ops become a few fused C++ loops and every call (products, SDPA)
-is made from C++; the step then takes ~0.67x transformers' time instead of ~0.80x.
+interpreter's caches: ~9-10 ms of a 2K-context step of a 16-layer 1024-wide model on a 2-core
+Xeon, beside ~35 ms of matrix-vector products and ~6 of attention (README, "CPU decoding
+against the bandwidth floor"). Compiled, the small ops become a few fused C++ loops and every
+call (products, SDPA) is made from C++: 43 ms instead of 52, 0.69-0.70x transformers' step.
 
 What it covers: one new token, on CPU, with the projections fused (model.fuse_projections), the
 model not tensor-parallel, and a cache that can say where the token's K/V row goes and that the
@@ -17,9 +17,8 @@ compiled step is never the only path. Its numbers equal the eager step's up to f
 order (the compiler fuses the norms' reductions), which the tests bound and which leaves greedy
 tokens equal to transformers' in the benchmark.
 
-Cost: compiling takes ~30 s at the first one-token step of a process (on 2 cores; inductor keeps
-its output in its on-disk cache, so a later process is faster) and needs a C++ compiler; one
-graph serves every context length (dynamic shapes).
+Cost: compiling takes 40-76 s at the first one-token step of a process (2 cores) and needs a
+C++ compiler; one graph serves every context length (dynamic shapes).
 """
 from __future__ import annotations
 

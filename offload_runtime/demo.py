@@ -67,6 +67,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.emulate_link is not None:
         device = torch.device("cpu") if args.device != "cuda" else device
     target = loading.load(str(trained.TARGET), device, args.dtype)
+    if getattr(args, "compile", False):
+        from . import compiled
+
+        compiled.enable(target.model)
     draft = loading.load(str(trained.DRAFT), device, args.dtype, with_tokenizer=False)
     story = args.prompt if args.prompt is not None else trained.story_prompt()
     ids = target.tokenizer(story)["input_ids"]
