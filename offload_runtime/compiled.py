@@ -17,13 +17,15 @@ compiled step is never the only path. Its numbers equal the eager step's up to f
 order (the compiler fuses the norms' reductions), which the tests bound and which leaves greedy
 tokens equal to transformers' in the benchmark.
 
-Cost: compiling takes 40-76 s at the first one-token step of a process (2 cores) and needs a
-C++ compiler; one graph serves every context length (dynamic shapes).
+Cost: compiling takes 40-76 s when it is enabled (`warm_up`: before any answer, 2 cores) and
+needs a C++ compiler; one graph serves every context length (dynamic shapes).
 """
 from __future__ import annotations
 
 import os
 import shutil
+import sys
+import time
 from typing import Any, Callable
 
 import torch
@@ -138,8 +140,24 @@ def build(model: Any) -> CompiledStep:
     return CompiledStep(model.cfg, model.model.norm.eps)
 
 
-def enable(model: Any) -> Any:
-    """Give `model` the compiled one-token step (compiled at its first use). Returns the model.
+def warm_up(model: Any, quiet: bool = False) -> float:
+    """Compile now, with one step on a scratch cache of a few rows (the graph is the same for every
+    length), so that no answer's timing includes it; says so on stderr. Returns the seconds."""
+    from .caches.full import FullCache
+
+    if not quiet:
+        print("compiling the one-token decode step (--compile; about a minute on 2 cores) ...", file=sys.stderr,
+              flush=True)
+    start = time.perf_counter()
+    cache = FullCache(model.cfg, model.device, model.dtype)
+    with torch.inference_mode():
+        model(torch.zeros(3, dtype=torch.long, device=model.device), cache)  # rows 0-2, eager
+        model(torch.zeros(1, dtype=torch.long, device=model.device), cache)  # row 3, compiled (rows 0, 1 would specialize)
+    return time.perf_counter() - start
+
+
+def enable(model: Any, quiet: bool = False) -> Any:
+    """Give `model` the compiled one-token step and compile it (`warm_up`). Returns the model.
     Raises UserError where it cannot work: no C++ compiler, a CUDA model (not measured there)."""
     if model.device.type != "cpu":
         raise UserError("--compile is for CPU decoding (the compiled step has not been measured on a GPU)")
@@ -149,4 +167,5 @@ def enable(model: Any) -> Any:
     if problem is not None:
         raise UserError(f"--compile needs a C++ compiler for torch.compile: {problem}")
     model.one_token_step = build(model)
+    warm_up(model, quiet)
     return model

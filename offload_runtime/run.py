@@ -90,7 +90,7 @@ def add_memory_flags(p: argparse.ArgumentParser) -> None:
                    help="tokens the full cache is planned and allocated for (default: prompt + --max-new-tokens + gamma + 1)")
     g.add_argument("--compile", action="store_true",
                    help="CPU: run one-token decode steps (autoregressive, TriForce's L2) as one torch.compile graph; "
-                   "needs a C++ compiler, compiles for ~1 minute at the first step")
+                   "needs a C++ compiler, compiles for ~1 minute at start-up")
 
 
 def prompt_text(args: argparse.Namespace) -> str:

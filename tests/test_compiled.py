@@ -166,9 +166,12 @@ def test_cli_compile_flag_gives_the_same_tokens(llama, capsys, monkeypatch):
     enabled, enable = [], compiled.enable
     monkeypatch.setattr(compiled, "enable", lambda model: enabled.append(enable(model)) or model)
     argv = ["--model", str(path), "--prompt", PROMPT, "--mode", "autoregressive", "--max-new-tokens", "12", "--json"]
-    outs = []
+    outs, errs = [], []
     for extra in ([], ["--compile"]):
         assert main(argv + extra) == 0
-        outs.append(json.loads(capsys.readouterr().out)["token_ids"])
+        captured = capsys.readouterr()
+        outs.append(json.loads(captured.out)["token_ids"])
+        errs.append(captured.err)
     assert outs[0] == outs[1]
-    assert len(enabled) == 1 and enabled[0].one_token_step.calls == 11
+    assert len(enabled) == 1 and enabled[0].one_token_step.calls == 1 + 11  # the warm-up step, then the answer's
+    assert "compiling the one-token decode step" in errs[1] and "compiling" not in errs[0]
