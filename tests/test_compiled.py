@@ -175,3 +175,16 @@ def test_cli_compile_flag_gives_the_same_tokens(llama, capsys, monkeypatch):
     assert outs[0] == outs[1]
     assert len(enabled) == 1 and enabled[0].one_token_step.calls == 1 + 11  # the warm-up step, then the answer's
     assert "compiling the one-token decode step" in errs[1] and "compiling" not in errs[0]
+
+
+def test_compiled_step_runs_in_a_worker_thread(llama, tokenizer):
+    """The server runs the engine in a worker thread; the graph compiled in the main thread serves it."""
+    import threading
+
+    _, model = llama
+    ids, calls, out = tokenizer(PROMPT)["input_ids"], model.one_token_step.calls, {}
+    want = generate_autoregressive(model, ids, 10, GREEDY, []).token_ids
+    worker = threading.Thread(target=lambda: out.setdefault("got", generate_autoregressive(model, ids, 10, GREEDY, []).token_ids))
+    worker.start()
+    worker.join()
+    assert out["got"] == want and model.one_token_step.calls - calls == 2 * 9
