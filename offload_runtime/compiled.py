@@ -124,6 +124,8 @@ class CompiledStep:
         if slots is None:
             return None
         k_bufs, v_bufs, row = slots
+        if row == 0:  # dynamo specializes row 0 into a second graph, for a token that sees itself alone
+            return None  # (one_token_rows' reservation is the one the eager step makes)
         inv_freq, scaling = model.rope.tables_for(position)
         # No "duck" sizes: a weight's width that happens to equal a buffer's row count must not
         # become a guard (it would recompile when the buffers grow).

@@ -95,6 +95,23 @@ def test_compiled_step_matches_eager_across_lengths_without_recompiling(llama, t
     assert model.one_token_step.calls - calls == 7
 
 
+def test_first_token_of_an_empty_cache_runs_eagerly_without_a_second_graph(llama, tokenizer):
+    """A one-token prompt: dynamo would specialize row 0 into a graph of its own (a second compile,
+    ~1 minute on a real model) for a token that attends to itself alone; it runs eagerly."""
+    _, model = llama
+    ids, step = tokenizer(PROMPT)["input_ids"], model.one_token_step
+    generate_autoregressive(model, ids[:5], 2, GREEDY, [])  # the graph exists (compiled here if no earlier test did)
+    graphs, calls = torch._dynamo.utils.counters["stats"]["unique_graphs"], step.calls
+    got = generate_autoregressive(model, ids[:1], 6, GREEDY, []).token_ids
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert step.calls - calls == 5  # every step but the prompt's own token
+    model.one_token_step = None
+    try:
+        assert got == generate_autoregressive(model, ids[:1], 6, GREEDY, []).token_ids
+    finally:
+        model.one_token_step = step
+
+
 def test_parity_check_catches_a_wrong_cache_row(llama, tokenizer, long_text, monkeypatch):
     """Sabotage: the compiled step writes each token's K/V one row too early."""
     _, model = llama
