@@ -3,6 +3,7 @@ where it applies (autoregressive steps, TriForce's L2 steps), eager everywhere e
 check that catches a step writing the wrong cache row (sabotage)."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from offload_runtime import compiled, loading
 from offload_runtime.caches import FullCache
 from offload_runtime.caches.offloaded import OffloadedCache
+from offload_runtime.caches.retrieval import RetrievalCache
 from offload_runtime.errors import UserError
 from offload_runtime.model import fuse_projections
 from offload_runtime.generate import generate_autoregressive, generate_triforce
@@ -123,6 +125,70 @@ def test_parity_check_catches_a_wrong_cache_row(llama, tokenizer, long_text, mon
 
     monkeypatch.setattr(FullCache, "one_token_rows", one_row_early)
     assert step_mismatch(model, prompt_ids(tokenizer, long_text, 30), 0) is not None
+
+
+@pytest.fixture(scope="module")
+def selection(llama, tokenizer, long_text) -> RetrievalCache:
+    """A retrieval cache selected from a 600-token context (budget 248: 248 rows of 256 allocated)."""
+    _, model = llama
+    ids, full = prompt_ids(tokenizer, long_text, 600), FullCache(model.cfg, CPU, torch.float32)
+    step, model.one_token_step = model.one_token_step, None
+    model(torch.tensor(ids), full)
+    model.one_token_step = step
+    built = RetrievalCache(model.cfg, CPU, torch.float32, budget=248, chunk_size=8, reserve_rows=4)
+    built.build(full, len(ids), [q[:, -1] for q in full.recent_queries])
+    return built
+
+
+def retrieval_mismatch(model, built: RetrievalCache) -> str | None:
+    """L2's one-token steps (a rollback between) eagerly and compiled from copies of one selection:
+    what differs (logits, K/V rows, their positions, the length), or None. TriForce's tokens cannot
+    tell: the L3 pass corrects a wrong L2 step."""
+    step, runs = model.one_token_step, []
+    for compiled_on in (False, True):
+        model.one_token_step, cache = step if compiled_on else None, copy.deepcopy(built)
+        logits = [model(torch.tensor([t]), cache) for t in (5, 9, 13)]
+        cache.truncate(cache.length - 2)  # a rejected draft
+        logits += [model(torch.tensor([t]), cache) for t in range(2, 12)]  # past row 255: regrown
+        runs.append((cache, torch.cat(logits)))
+    model.one_token_step = step
+    (eager, want), (comp, got) = runs
+    n = eager._slot(eager.length)
+    if (eager.length, eager.capacity) != (comp.length, comp.capacity):
+        return f"length/capacity {eager.length}/{eager.capacity} != {comp.length}/{comp.capacity}"
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+        return f"logits differ by {float((got - want).abs().max())}"
+    if not torch.equal(eager.pos[:, :, :n], comp.pos[:, :, :n]):
+        return "row positions differ"
+    for a, b in zip(eager.k + eager.v, comp.k + comp.v):
+        if not torch.allclose(a[:, :n], b[:, :n], rtol=1e-4, atol=1e-5):
+            return f"K/V rows differ by {float((a[:, :n] - b[:, :n]).abs().max())}"
+    return None
+
+
+def test_compiled_step_matches_eager_on_the_retrieval_cache(llama, selection):
+    _, model = llama
+    calls = model.one_token_step.calls
+    assert retrieval_mismatch(model, selection) is None
+    assert model.one_token_step.calls - calls == 12  # 13 steps, one eager: row 255 of a 256-row buffer
+
+
+@pytest.mark.parametrize("fault", ["row", "position"])
+def test_retrieval_parity_check_catches_a_wrong_row_or_position(llama, selection, fault, monkeypatch):
+    """Sabotage: the step writes each token's K/V one row too early, or does not record its position."""
+    _, model = llama
+    rows = RetrievalCache.one_token_rows
+
+    def faulty(self):
+        if (slots := rows(self)) is None:
+            return None
+        k, v, row = slots
+        if fault == "position":
+            self.pos[:, :, row] = 0
+        return k, v, row - (fault == "row")
+
+    monkeypatch.setattr(RetrievalCache, "one_token_rows", faulty)
+    assert retrieval_mismatch(model, selection) is not None
 
 
 def test_triforce_l2_steps_run_compiled(llama, tokenizer, long_text):
