@@ -152,9 +152,10 @@ def warm_up(model: Any, quiet: bool = False) -> float:
               flush=True)
     start = time.perf_counter()
     cache = FullCache(model.cfg, model.device, model.dtype)
-    with torch.inference_mode():
-        model(torch.zeros(3, dtype=torch.long, device=model.device), cache)  # rows 0-2, eager
-        model(torch.zeros(1, dtype=torch.long, device=model.device), cache)  # row 3, compiled (rows 0, 1 would specialize)
+    # Tokens made as the engine makes them (int64, outside inference mode: an inference tensor
+    # would be another guard, hence another graph at the first real step).
+    model(torch.zeros(3, dtype=torch.long, device=model.device), cache)  # rows 0-2, eager
+    model(torch.zeros(1, dtype=torch.long, device=model.device), cache)  # row 3, compiled (rows 0, 1 would specialize)
     return time.perf_counter() - start
 
 

@@ -82,8 +82,8 @@ class FusedLinear:
             return False
         for lin, mine, n, (w_ptr, b_ptr) in zip(linears, self.linears, self.sizes, self._ptrs):
             params = lin._parameters
-            weight, bias = params["weight"], params.get("bias")
-            if (lin is not mine or weight.data_ptr() != w_ptr or weight.shape[0] != n
+            weight, bias = params.get("weight"), params.get("bias")  # no weight entry (parametrized): stale
+            if (lin is not mine or weight is None or weight.data_ptr() != w_ptr or weight.shape[0] != n
                     or (None if bias is None else bias.data_ptr()) != b_ptr):
                 return False
         return True

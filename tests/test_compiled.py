@@ -51,8 +51,9 @@ def test_compiled_greedy_equals_transformers_generate(family, checkpoint, tokeni
     path, model = llama if family == "llama" else (checkpoint(FAMILIES[family][0], **FAMILIES[family][1]), None)
     model = model or compiled.enable(load(path))
     ids = tokenizer(PROMPT)["input_ids"]
-    calls = model.one_token_step.calls
+    calls, graphs = model.one_token_step.calls, torch._dynamo.utils.counters["stats"]["unique_graphs"]
     got = generate_autoregressive(model, ids, 40, GREEDY, []).token_ids
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # enable's warm-up compiled the graph used
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     want = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=40)[0, len(ids):].tolist()
     assert got == want and len(set(want)) > 8

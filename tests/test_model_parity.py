@@ -98,3 +98,21 @@ def test_fused_projections_are_views_and_fall_back(case, checkpoint, tokenizer, 
     assert (separate_logits - fused_logits).abs().max().item() < 1e-5
     attn.k_proj.weight.mul_(1.5)  # the separate Linear really is what runs now
     assert (model(ids, FullCache(model.cfg, "cpu", torch.float32)) - fused_logits).abs().max().item() > 1e-3
+
+
+def test_fused_matrix_is_stale_for_a_parametrized_weight():
+    """A parametrized Linear has no `weight` entry in `_parameters`: stale (separate Linears), not a KeyError."""
+    from torch.nn.utils import parametrize
+
+    from offload_runtime.model import FusedLinear
+
+    linears = [torch.nn.Linear(8, n, bias=False) for n in (4, 2)]
+    fused = FusedLinear(linears)
+    assert fused.current(linears)
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(linears[1], "weight", Double())
+    assert not fused.current(linears)
