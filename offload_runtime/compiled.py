@@ -161,7 +161,8 @@ def warm_up(model: Any, quiet: bool = False) -> float:
 
 def enable(model: Any, quiet: bool = False) -> Any:
     """Give `model` the compiled one-token step and compile it (`warm_up`). Returns the model.
-    Raises UserError where it cannot work: no C++ compiler, a CUDA model (not measured there)."""
+    Raises UserError where it cannot work: no C++ compiler, a CUDA model (not measured there), TP,
+    or the compile itself failing (the model is then left eager)."""
     if model.device.type != "cpu":
         raise UserError("--compile is for CPU decoding (the compiled step has not been measured on a GPU)")
     if getattr(model, "tp_world_size", 1) != 1:
@@ -170,5 +171,11 @@ def enable(model: Any, quiet: bool = False) -> Any:
     if problem is not None:
         raise UserError(f"--compile needs a C++ compiler for torch.compile: {problem}")
     model.one_token_step = build(model)
-    warm_up(model, quiet)
+    try:
+        warm_up(model, quiet)
+    except Exception as exc:  # e.g. a compiler without Python's headers: one line, not inductor's traceback
+        model.one_token_step = None
+        detail = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"--compile: compiling the decode step failed ({type(exc).__name__}: {detail}); "
+                        "run without --compile") from exc
     return model

@@ -240,6 +240,17 @@ def test_enable_refuses_without_a_compiler_or_under_tp(llama, monkeypatch):
     with pytest.raises(UserError, match="tensor-parallel"):
         compiled.enable(model)
     model.tp_world_size = 1
+
+    def broken(model):
+        def step(*args):
+            raise RuntimeError("fatal error: Python.h: No such file or directory\ncompilation terminated.")
+        return step
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compiled, "build", broken)
+        with pytest.raises(UserError, match="compiling the decode step failed .RuntimeError: fatal error: Python.h"):
+            compiled.enable(model, quiet=True)
+    assert model.one_token_step is None
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="C\\+\\+ compiler"):
         compiled.enable(model)
