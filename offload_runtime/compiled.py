@@ -53,7 +53,8 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def one_token_graph(eps: float, n_heads: int, n_kv_heads: int, head_dim: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+def one_token_graph(eps: float, n_heads: int, n_kv_heads: int,
+                    head_dim: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """The step for one model shape; its sizes and eps are constants of the graph (as arguments
     they would be symbolic under dynamic shapes: slower code and more guards)."""
     nq, nk, g = n_heads, n_kv_heads, n_heads // n_kv_heads
