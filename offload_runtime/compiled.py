@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .caches.base import KVCache
 from .config import ModelConfig
 from .errors import UserError
+from .model import live_fused, rms_norm
 from .rope import apply_rotary, rope_tables
 
 LayerWeights = tuple[torch.Tensor | None, ...]  # norm, qkv (w, b), o (w, b), norm, gate_up (w, b), down (w, b)
@@ -46,11 +47,6 @@ def compiler_problem() -> str | None:
     if shutil.which(cxx) is None and shutil.which("c++") is None:
         return f"no C++ compiler found ({cxx}, c++); install one (e.g. `apt install g++`) or set CXX"
     return None
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def one_token_graph(eps: float, n_heads: int, n_kv_heads: int,
@@ -70,17 +66,17 @@ def one_token_graph(eps: float, n_heads: int, n_kv_heads: int,
         cos, sin = rope_tables(position, inv_freq, scaling, x.dtype)
         end, queries = row + 1, []
         for (ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b), kb, vb in zip(layers, k_bufs, v_bufs):
-            heads = F.linear(_rms_norm(x, ln1, eps), qkv_w, qkv_b).view(1, -1, head_dim).transpose(0, 1)
+            heads = F.linear(rms_norm(x, ln1, eps), qkv_w, qkv_b).view(1, -1, head_dim).transpose(0, 1)
             qk = apply_rotary(heads[:nq + nk], cos, sin)
             q = qk[:nq]
             kb[:, row:end] = qk[nq:]
             vb[:, row:end] = heads[nq + nk:]
             out = F.scaled_dot_product_attention(q.reshape(1, nk, g, head_dim), kb[None, :, :end], vb[None, :, :end])
             x = x + F.linear(out.reshape(1, nq * head_dim), o_w, o_b)
-            gate, up = F.linear(_rms_norm(x, ln2, eps), gu_w, gu_b).chunk(2, dim=-1)
+            gate, up = F.linear(rms_norm(x, ln2, eps), gu_w, gu_b).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, down_w, down_b)
             queries.append(q)
-        return F.linear(_rms_norm(x, norm_w, eps), head_w).float(), torch.stack(queries)
+        return F.linear(rms_norm(x, norm_w, eps), head_w).float(), torch.stack(queries)
 
     return one_token
 
@@ -94,9 +90,9 @@ def layer_weights(model: Any) -> list[LayerWeights] | None:
         mods = layer._modules
         attn, mlp = mods["self_attn"], mods["mlp"]
         a, m = attn._modules, mlp._modules
-        qkv, gate_up = attn.qkv, mlp.gate_up
-        if (qkv is None or gate_up is None or not qkv.current([a["q_proj"], a["k_proj"], a["v_proj"]])
-                or not gate_up.current([m["gate_proj"], m["up_proj"]])):
+        qkv = live_fused(attn, "qkv", [a["q_proj"], a["k_proj"], a["v_proj"]])
+        gate_up = live_fused(mlp, "gate_up", [m["gate_proj"], m["up_proj"]])
+        if qkv is None or gate_up is None:
             return None
         o, down = a["o_proj"]._parameters, m["down_proj"]._parameters
         out.append((mods["input_layernorm"]._parameters["weight"], qkv.weight, qkv.bias, o["weight"], o["bias"],
@@ -125,8 +121,11 @@ class CompiledStep:
         if slots is None:
             return None
         k_bufs, v_bufs, row = slots
-        if row == 0:  # dynamo specializes row 0 into a second graph, for a token that sees itself alone
-            return None  # (one_token_rows' reservation is the one the eager step makes)
+        # Shapes that would be a second graph: row 0 (dynamo specializes it; a token that sees itself
+        # alone) and a slice [0, row] that is the whole buffer. One_token_rows only reserved what the
+        # eager step reserves too, so it takes over.
+        if row == 0 or row + 1 >= k_bufs[0].shape[1]:
+            return None
         inv_freq, scaling = model.rope.tables_for(position)
         # No "duck" sizes: a weight's width that happens to equal a buffer's row count must not
         # become a guard (it would recompile when the buffers grow).

@@ -39,9 +39,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm arithmetic (fp32 inside); also traced by the compiled step."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 class FusedLinear:
@@ -92,15 +97,20 @@ class FusedLinear:
         return F.linear(x, self.weight, self.bias)
 
 
-def project(module: nn.Module, attr: str, linears: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
-    """The Linears' outputs side by side: one product when `module.<attr>` fuses them, else one per
-    Linear (a stale fused matrix is dropped then, so it does not hold its memory)."""
+def live_fused(module: nn.Module, attr: str, linears: list[nn.Linear]) -> FusedLinear | None:
+    """`module.<attr>` if it fuses these Linears as they are now; else None (a stale fused matrix is
+    dropped, so it does not hold its memory)."""
     fused = getattr(module, attr)
-    if fused is not None:
-        if fused.current(linears):
-            return fused(x)
+    if fused is not None and not fused.current(linears):
         setattr(module, attr, None)
-    return torch.cat([lin(x) for lin in linears], dim=-1)
+        return None
+    return fused
+
+
+def project(module: nn.Module, attr: str, linears: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
+    """The Linears' outputs side by side: one product when `module.<attr>` fuses them, else one per Linear."""
+    fused = live_fused(module, attr, linears)
+    return fused(x) if fused is not None else torch.cat([lin(x) for lin in linears], dim=-1)
 
 
 class Attention(nn.Module):

@@ -21,3 +21,11 @@ def test_tiny_decode_floor_writes_json_and_matches_transformers(tmp_path, capsys
         assert set(row["prefill_tok_s"]) == {"ours", "ours_old_path", "transformers"}
     out = capsys.readouterr().out
     assert "| 40 GQA |" in out and "40 GQA: ours/floor" in out and "(target <= 0.7)" in out
+
+
+def test_tiny_decode_floor_times_the_compiled_step(tmp_path):
+    assert main(["--synthetic", "tiny", "--cases", "40:gqa", "--steps", "3", "--repeats", "1", "--bandwidth-gib", "0.01",
+                 "--threads", "1", "--no-generate-check", "--no-old-path", "--out", str(tmp_path), "--tag", "c"]) == 0
+    row = json.loads((tmp_path / "decode_floor_c.json").read_text())["rows"][0]
+    assert row["compiled_step_s"] > 0 and row["compile_s"] > 0 and row["compiled_over_transformers"] > 0
+    assert row["compiled_tokens_equal_transformers_steps"] and len(row["compiled_tokens"]) == 4

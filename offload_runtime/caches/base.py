@@ -31,8 +31,7 @@ class KVCache(ABC):
     def one_token_rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
         """For the compiled one-token step (compiled.py): every layer's K and V buffers [Hkv, rows, D]
         and the row the next token's K/V goes to (reserved), when that token attends to rows
-        [0, row] of each buffer with no mask and the buffers have rows past `row` (a slice that is
-        the whole buffer would be a second graph); None (the default) when this cache cannot say so."""
+        [0, row] of each buffer with no mask; None (the default) when this cache cannot say so."""
         return None
 
     def one_token_queries(self, queries: torch.Tensor) -> None:

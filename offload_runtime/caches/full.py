@@ -56,7 +56,7 @@ class FullCache(FullKVCache):
         if any(w is not None and row >= w for w in self.cfg.sliding_windows):
             return None
         self._reserve(row + 1)
-        return (self.k, self.v, row) if row + 1 < self.capacity else None
+        return self.k, self.v, row
 
     def one_token_queries(self, queries: torch.Tensor) -> None:
         self.recent_queries = list(queries.unbind(0))  # as attend keeps them: this forward's queries

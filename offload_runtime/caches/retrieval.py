@@ -136,8 +136,6 @@ class RetrievalCache(KVCache):
             return None
         a = self._slot(self.length)
         self._reserve(a + 1)
-        if a + 1 >= self.capacity:
-            return None
         self.pos[:, :, a] = self.length
         return self.k, self.v, a  # every stored row is a selected or a past token: all visible
 
