@@ -8,7 +8,7 @@ prompt and the same number of new tokens: autoregressive decoding, the engine wi
 and three levels for each --draft-gammas). Seconds per token are the whole decode (first to
 last token, the controller's warm-up and probes included) / new tokens, median over --repeats
 runs interleaved across systems. --offload on streams the full cache through the offload
-pipeline; --emulate-link GBPS paces it like a GPU's link (cuda_streams/emulated.py). Besides
+pipeline; --emulate-link GBPS paces it like a GPU's link (offload_runtime/cuda_streams/emulated.py). Besides
 wall-clock, CPU seconds per token (process time): steadier on a shared machine. Results: bench/results/adaptive_sweep_<tag>.json and a markdown table.
 """
 from __future__ import annotations

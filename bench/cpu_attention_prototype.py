@@ -1,5 +1,5 @@
 """A PROTOTYPE hand-vectorised CPU decode attention (bench/prototypes/cpu_decode_attention.cpp)
-against what the runtime uses (torch's SDPA through kernels/decode.py) and the read bandwidth.
+against what the runtime uses (torch's SDPA through offload_runtime/kernels/decode.py) and the read bandwidth.
 
 Not part of the runtime: it is compiled here on first use (torch.utils.cpp_extension: needs a C++
 compiler, `pip install ninja`, and an AVX-512 CPU). It answers one question for the CPU decode
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import attention_reference
+from offload_runtime.kernels.reference import attention_reference
 
 from .offload_bench import RESULTS, machine_info, write_json
 
@@ -38,7 +38,7 @@ def build() -> tuple[Any, float]:
 
 
 def folded(ext: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int) -> torch.Tensor:
-    """q [Hq, T, D] -> the kernel's [Hkv, G*T, D] rows (as kernels/decode.py folds them) and back."""
+    """q [Hq, T, D] -> the kernel's [Hkv, G*T, D] rows (as offload_runtime/kernels/decode.py folds them) and back."""
     hq, t, d = q.shape
     hkv = k.shape[0]
     return ext.decode_attention(q.reshape(hkv, hq // hkv * t, d), k, v, splits).reshape(hq, t, d)

@@ -2,7 +2,7 @@
 
 An RTX 4090 reads its memory ~40x faster than its PCIe 4.0 x16 link moves bytes (1008 vs
 ~25 GB/s). Here the "GPU" is this CPU and its memory, and the link is the emulated copy
-engine (`cuda_streams/emulated.py`) set to this machine's measured memory-read bandwidth
+engine (`offload_runtime/cuda_streams/emulated.py`) set to this machine's measured memory-read bandwidth
 divided by 40 (or --emulate-link GBPS). The whole full cache lives behind that link; an MHA
 synthetic model with a context where the K/V outweighs the weights. Rows, one shared prefill:
 

@@ -1,4 +1,4 @@
-"""The CPU decode attention (kernels/decode.py) equals the reference; the dispatch routes few queries to it."""
+"""The CPU decode attention (offload_runtime/kernels/decode.py) equals the reference; the dispatch routes few queries to it."""
 from __future__ import annotations
 
 import pytest

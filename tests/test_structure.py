@@ -1,14 +1,17 @@
-"""The code's shape, checked: kernels/ and cuda_streams/ stand alone, and no function or class
+"""The code's shape, checked: offload_runtime/kernels/ and offload_runtime/cuda_streams/ stand
+alone, nothing importable from the repository root shadows a dependency, and no function or class
 grows past what a reader takes in at once (the team's rule: ~60 lines, ~150 lines)."""
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("offload_runtime", "kernels", "cuda_streams", "bench")
+SOURCES = ("offload_runtime", "bench")
+STANDALONE = ("kernels", "cuda_streams")  # rooms inside offload_runtime that import nothing else of it
 MAX_FUNCTION_LINES = 60
 MAX_CLASS_LINES = 150
 
@@ -18,9 +21,8 @@ def _files(*folders: str) -> list[Path]:
 
 
 def package_of(path: Path) -> tuple[str, ...]:
-    """The installed package of a source file: kernels/ and cuda_streams/ install inside offload_runtime."""
-    parts = path.relative_to(ROOT).with_suffix("").parts[:-1]
-    return ("offload_runtime",) + parts if parts[:1] in (("kernels",), ("cuda_streams",)) else parts
+    """The package of a source file, from its folder under the repository root."""
+    return path.relative_to(ROOT).with_suffix("").parts[:-1]
 
 
 def imported_modules(source: str, package: tuple[str, ...]) -> set[str]:
@@ -53,10 +55,10 @@ def oversized(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("folder", ["kernels", "cuda_streams"])
+@pytest.mark.parametrize("folder", STANDALONE)
 def test_standalone_folders_import_nothing_of_offload_runtime(folder):
-    """kernels/ and cuda_streams/ install inside offload_runtime but must not depend on it (the layout's rule)."""
-    files = _files(folder)
+    """kernels/ and cuda_streams/ live inside offload_runtime but must not depend on it (the layout's rule)."""
+    files = _files(f"offload_runtime/{folder}")
     assert files
     for path in files:
         bad = foreign_imports(path.read_text(), package_of(path), folder)
@@ -65,11 +67,47 @@ def test_standalone_folders_import_nothing_of_offload_runtime(folder):
 
 def test_import_check_catches_a_violation():
     """Sabotage: a relative import reaching out of kernels/, and an absolute one, are both caught."""
-    package = package_of(ROOT / "kernels" / "probe.py")
+    package = package_of(ROOT / "offload_runtime" / "kernels" / "probe.py")
     assert foreign_imports("from ..caches import FullCache\nfrom .sdpa import x\n", package, "kernels") == \
         {"offload_runtime.caches"}
     assert foreign_imports("import offload_runtime.model\nimport torch\n", package, "kernels") == \
         {"offload_runtime.model"}
+
+
+def root_importables(root: Path) -> set[str]:
+    """Names `import NAME` finds in `root` when it is on sys.path: packages (a folder with an
+    __init__.py), namespace folders and modules (NAME.py)."""
+    names = {p.stem for p in root.glob("*.py")}
+    names |= {p.name for p in root.iterdir() if p.is_dir() and p.name.isidentifier()}
+    return names
+
+
+def shadowed_dependencies(root: Path, installed: dict[str, list[str]]) -> dict[str, list[str]]:
+    """{name: distributions} for every top-level module of an installed distribution that an
+    importable of `root` would hide (pytest's pythonpath and `python -m` put the root first)."""
+    ours = {"offload_runtime"}  # our own distribution, installed in editable mode
+    return {name: installed[name] for name in sorted(root_importables(root) & set(installed))
+            if name not in ours}
+
+
+def test_no_folder_shadows_an_installed_distribution():
+    """transformers 5.25 imports Hugging Face's `kernels`; our old top-level kernels/ hid it."""
+    installed = importlib.metadata.packages_distributions()
+    assert "torch" in installed  # the map is real (it is what a shadowing would hide)
+    clashes = shadowed_dependencies(ROOT, installed)
+    assert not clashes, f"folders or modules at the repository root hide installed distributions: {clashes}"
+
+
+def test_shadow_check_catches_a_clash(tmp_path):
+    """Sabotage: a repository with a kernels/ package and a torch.py beside it is reported."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    (tmp_path / "torch.py").write_text("")
+    (tmp_path / "docs").mkdir()
+    installed = {"kernels": ["kernels"], "torch": ["torch"], "yaml": ["PyYAML"]}
+    assert shadowed_dependencies(tmp_path, installed) == {"kernels": ["kernels"], "torch": ["torch"]}
+    real = importlib.metadata.packages_distributions()  # and with the real map: torch is installed
+    assert shadowed_dependencies(tmp_path, real)["torch"] == real["torch"]
 
 
 def test_no_oversized_function_or_class():

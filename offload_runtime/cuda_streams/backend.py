@@ -153,6 +153,7 @@ class CudaBackend(Backend):
         self.copy_stream = torch.cuda.Stream(self.device)
         self.timing = timing
         self._pending: list[tuple[str, Any, Any]] = []  # (what, start event, end event), in issue order
+        self._registered: dict[int, int] = {}  # pointer -> bytes of each live cudaHostRegister block
 
     def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Page-locked host memory of exactly this size: page-aligned plain memory registered with
@@ -171,14 +172,22 @@ class CudaBackend(Backend):
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister of {size / 2**30:.1f} GiB failed (cudaError {int(err)})")
         t = raw[offset : offset + nbytes].view(dtype).view(shape)
-        stream = self.copy_stream
+        stream, registered = self.copy_stream, self._registered
+        registered[ptr] = size
 
         def unpin(ptr: int = ptr, stream: Any = stream) -> None:
             stream.synchronize()  # no copy may still target these pages
             cudart.cudaHostUnregister(ptr)
+            registered.pop(ptr, None)
 
         weakref.finalize(t, unpin)  # t (the caller keeps it, and no view outlives it) owns the registration
         return t
+
+    def page_locked(self, t: torch.Tensor) -> bool:
+        """Whether a host tensor lies in page-locked memory: torch's pinned allocator, or a block
+        host_empty registered (torch >= 2.11's is_pinned() asks its own allocator only)."""
+        start, stop = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        return t.is_pinned() or any(p <= start and stop <= p + n for p, n in self._registered.items())
 
     def device_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
