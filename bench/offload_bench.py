@@ -13,6 +13,8 @@ use --assume-accepted-per-pass when given.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import platform
 import statistics
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from offload_runtime.planner import host_available, host_usable
 from offload_runtime.run import auto_or_int
 
 from . import cost_model
@@ -134,6 +137,12 @@ def transformers_run(hf: Any, prompt: list[int], new_tokens: int, device: torch.
     """transformers' generate on the same prompt; running out of GPU memory is a result too."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        need, free = offloaded_host_bytes(hf, len(prompt) + new_tokens), host_available()
+        if need > host_usable(free):  # its offloaded cache keeps every layer's K/V in host RAM
+            print(f"  context {len(prompt)}: transformers: skipped, its offloaded cache needs {need / 2**30:.1f} GiB "
+                  f"of host memory, {free / 2**30:.1f} GiB available", file=sys.stderr)
+            return {"mode": "transformers", "prefill_s": None, "decode_s_per_token": None,
+                    "error": "host memory: its offloaded cache does not fit"}, []
     try:
         stats, tokens = run_transformers(hf, prompt, new_tokens, device)
     except torch.cuda.OutOfMemoryError as exc:
@@ -145,6 +154,13 @@ def transformers_run(hf: Any, prompt: list[int], new_tokens: int, device: torch.
         stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     print(f"  context {len(prompt)}: transformers: {stats['decode_s_per_token']:.4f} s/token", file=sys.stderr)
     return stats, tokens
+
+
+def offloaded_host_bytes(hf: Any, tokens: int) -> int:
+    """Host bytes of transformers' offloaded cache for `tokens`: every layer's K and V."""
+    c = hf.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * tokens * hf.dtype.itemsize
 
 
 def phase_costs(stats: dict) -> dict:
@@ -207,7 +223,8 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
                 stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             runs.setdefault(name, []).append((stats, tokens))
             print(f"  context {context}: {name}: {stats['decode_s_per_token']:.4f} s/token", file=sys.stderr)
-        del session
+        del session, cache
+        gc.collect()  # our host cache goes before transformers' offloaded cache takes as much again
         if not args.skip_transformers:
             runs.setdefault("transformers generate", []).append(transformers_run(hf, prompt, args.new_tokens, device))
     return summary_rows(runs, context, args.new_tokens)
@@ -351,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         name, n_params, note = args.model, sum(p.numel() for p in hf.parameters()), "a real checkpoint"
     else:
         shape = SHAPES[args.synthetic]
+        # room for the new tokens and a verification block past the longest prompt (a 131072-token
+        # prompt on the 7B shape's 131072 positions was refused, found by bench/gpu_check.sh)
+        room = max(contexts) + args.new_tokens + 64
+        shape = dataclasses.replace(shape, max_positions=max(shape.max_positions, room))
         hf, target = build_pair(shape, device, dtype)
         _, draft = build_pair(DRAFTS["tiny" if args.synthetic == "tiny" else "default"], device, dtype, seed=1,
                               vocab=shape.vocab)

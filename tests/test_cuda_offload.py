@@ -35,7 +35,8 @@ def _pass(pipe: LayerPipeline, rows: int, new: int) -> None:
 def test_cuda_pipeline_runs_the_cpu_schedule():
     cpu, cuda = CpuBackend("cpu", trace=True), CudaBackend("cuda", trace=True)
     pipes = [LayerPipeline(b, 5, ROW, 4096, torch.float16) for b in (cpu, cuda)]
-    assert pipes[1].host.is_pinned() and pipes[1].slabs[0].is_cuda
+    assert cuda.page_locked(pipes[1].host) and pipes[1].slabs[0].is_cuda
+    assert not cuda.page_locked(torch.empty(4))  # the check can say no
     for pipe in pipes:
         pipe.host.zero_()
         _pass(pipe, 0, 1000)

@@ -296,8 +296,8 @@ def test_sdpa_fast_path_equals_reference(hq, hkv, per_head, window, dtype):
         if per_head:  # the retrieval cache's rows: each KV head has its own (sorted, distinct) positions
             g = torch.Generator().manual_seed(length)
             prompt = [torch.randperm(100, generator=g)[: length - t].sort().values for _ in range(hkv)]
-            k_pos = torch.stack([torch.cat([p, torch.arange(100, 100 + t)]) for p in prompt])
-            q_pos = torch.arange(100, 100 + t)
+            k_pos = torch.stack([torch.cat([p, torch.arange(100, 100 + t)]) for p in prompt]).to(q.device)
+            q_pos = torch.arange(100, 100 + t, device=q.device)
         want = ref.attention_reference(q, k, v, q_pos, k_pos, window)
         got = attention_sdpa(q, k, v, q_pos, k_pos, window)
         tol = 1e-5 if dtype == torch.float32 else 2e-3

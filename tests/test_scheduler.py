@@ -161,15 +161,21 @@ def test_cuda_host_buffers_are_exact_page_locked_blocks(monkeypatch):
     fake = types.SimpleNamespace(cudaHostRegister=lambda ptr, size, flags: calls.append(("reg", ptr, size)) or 0,
                                  cudaHostUnregister=lambda ptr: calls.append(("unreg", ptr)) or 0)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
-    backend = types.SimpleNamespace(copy_stream=types.SimpleNamespace(synchronize=lambda: calls.append(("sync",))))
+    backend = types.SimpleNamespace(copy_stream=types.SimpleNamespace(synchronize=lambda: calls.append(("sync",))),
+                                    _registered={})
     t = CudaBackend.host_empty(backend, (3, 1000, 2, 2, 4), torch.float16)
     assert t.shape == (3, 1000, 2, 2, 4) and t.dtype == torch.float16
     (kind, ptr, size), = calls
     assert ptr == t.data_ptr() and ptr % 4096 == 0 and size == -(-t.numel() * 2 // 4096) * 4096
     t[2, 999] = 1.0  # the whole block is addressable
+    # page_locked knows the registered block (torch's is_pinned() does not, from torch 2.11), a view
+    # inside it too, and nothing else
+    assert CudaBackend.page_locked(backend, t) and CudaBackend.page_locked(backend, t[1, 5:9])
+    assert not CudaBackend.page_locked(backend, torch.empty(8))
     del t
     gc.collect()
     assert calls[-2:] == [("sync",), ("unreg", ptr)]  # no copy may still target the pages when they are released
+    assert backend._registered == {}  # released: no longer reported page-locked
     fake.cudaHostRegister = lambda ptr, size, flags: 2  # cudaErrorMemoryAllocation
     with pytest.raises(RuntimeError, match="cudaHostRegister of .* GiB failed"):
         CudaBackend.host_empty(backend, (1000,), torch.float32)
