@@ -4,7 +4,8 @@
 all but the newest during generation (the newest token's K/V is written by the next L3
 pass). `catch_up` is the one prefill dispatch: layer-major when the cache asks for it
 (each host-resident layer crosses the link once, and the retrieval selection is built
-on the way), token chunks otherwise. After an interruption `truncate(len(tokens))` keeps
+on the way), token chunks otherwise. With a KV store (kv_store.py) the rows of a cached
+prefix are read from disk first and new full blocks are saved after the prefill. After an interruption `truncate(len(tokens))` keeps
 only rows that match committed tokens; the next catch-up refeeds the rest.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from .caches.base import FullKVCache
 from .caches.retrieval import RetrievalCache
+from .kv_store import KVStore
 from .model import PREFILL_CHUNK, CausalLM
 from .settings import EngineSettings
 from .stats import Stats
@@ -31,6 +33,7 @@ class ContextCaches:
         self.retrieval: RetrievalCache | None = None  # L2, in TriForce mode only
         self.logits: torch.Tensor | None = None  # target logits after the last cached token
         self.reselect = True  # rebuild the retrieval selection at the next catch-up (new question)
+        self.store: KVStore | None = None  # rows of cached prefixes on disk (--kv-store)
 
     @property
     def max_tokens(self) -> int:
@@ -61,9 +64,13 @@ class ContextCaches:
         full, l2 = self.full, self.retrieval
         if self.logits is None and full.length >= len(self.tokens) > 0:
             full.truncate(len(self.tokens) - 1)  # (after an interruption) refeed the newest token for its logits
+        if self.store is not None and full.length < len(self.tokens) - 1:  # the newest is fed: its logits
+            self.stats.restored_tokens += self.store.restore(full, self.tokens, len(self.tokens) - 1)
         todo = self.tokens[full.length:]
         reselect = l2 is not None and (self.reselect or l2.length < l2.base)
         built = self._prefill(todo, reselect) if todo else False
+        if todo and self.store is not None:
+            self.store.save(full, self.tokens)
         assert self.logits is not None, "the logits of the newest context token are known after a catch-up"
         if l2 is None:
             return False

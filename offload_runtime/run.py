@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -64,6 +65,12 @@ def build_parser(prog: str = "python -m offload_runtime.run", description: str |
     g.add_argument("--pipeline", choices=["on", "off", "auto"], default="auto",
                    help="draft the next round while the L3 pass streams the cache (lossless); auto: on when "
                    "the full cache is offloaded")
+    g = p.add_argument_group("kv store")
+    g.add_argument("--kv-store", metavar="DIR", default=None,
+                   help="keep the full cache of prompts on disk in DIR and restore a cached prefix instead of "
+                   "prefilling it (a document reopened, another question, a restart); off by default")
+    g.add_argument("--kv-store-max-gb", type=float, default=50.0, metavar="GB",
+                   help="the store's size limit; the least recently used blocks are deleted beyond it")
     add_memory_flags(p)
     if io_flags:
         g = p.add_argument_group("output")
@@ -141,6 +148,12 @@ def validate(args: argparse.Namespace) -> None:
             raise UserError(f"--on-chip-layers must be a non-negative integer or auto, got {args.on_chip_layers}")
     if args.max_context is not None and args.max_context <= 0:
         raise UserError(f"--max-context must be positive, got {args.max_context}")
+    if not (math.isfinite(args.kv_store_max_gb) and args.kv_store_max_gb > 0):
+        raise UserError(f"--kv-store-max-gb must be a positive number, got {args.kv_store_max_gb}")
+    if args.kv_store is not None and Path(args.kv_store).exists() and not Path(args.kv_store).is_dir():
+        raise UserError(f"--kv-store {args.kv_store} is not a folder")
+    if args.kv_store is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--kv-store does not work with tensor parallelism yet (each rank holds part of the cache)")
 
 
 def pick_device(name: str) -> Any:
@@ -290,9 +303,14 @@ def make_session(args: argparse.Namespace, job: Job, target: Any, draft: Any, ca
     from .session import Session
 
     generator = torch.Generator(device=job.device).manual_seed(args.seed)
+    store = None
+    if args.kv_store is not None:
+        from .kv_store import KVStore
+
+        store = KVStore(args.kv_store, target.model, max_bytes=int(args.kv_store_max_gb * 2**30))
     return Session(target.model, draft.model if draft else None, SamplingParams(args.temperature, args.top_p),
                    target.eos_ids, engine_settings(args), generator, args.mode, cache=job.build_cache(target.model),
-                   capacity=capacity)
+                   capacity=capacity, kv_store=store)
 
 
 def generate_once(args: argparse.Namespace, job: Job, target: Any, draft: Any, stream: bool = True) -> dict:

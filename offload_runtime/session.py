@@ -18,6 +18,7 @@ from .caches.base import FullKVCache
 from .caches.full import FullCache
 from .caches.retrieval import RetrievalCache
 from .context import ContextCaches, ProgressCallback
+from .kv_store import KVStore
 from .model import CausalLM
 from .adaptive import policy_for
 from .pipelined import PipelinedSpeculator
@@ -36,9 +37,10 @@ class Session:
     def __init__(self, target: CausalLM, draft: CausalLM | None, params: SamplingParams, eos_ids: list[int],
                  settings: EngineSettings = EngineSettings(), generator: torch.Generator | None = None,
                  mode: Mode = "triforce", cache: FullKVCache | None = None, capacity: int = 0,
-                 progress: ProgressCallback | None = None, policy: RoundPolicy | None = None) -> None:
+                 progress: ProgressCallback | None = None, policy: RoundPolicy | None = None,
+                 kv_store: KVStore | None = None) -> None:
         """cache: the L3 full cache, built by the caller (default: an on-device FullCache that grows,
-        reserved for `capacity` tokens; an OffloadedCache is host-resident and fixed-size).
+        reserved for `capacity` tokens; an OffloadedCache is host-resident and fixed-size); kv_store: kv_store.py.
         policy: the per-round choice (default: the adaptive controller in TriForce mode, adaptive.py,
         unless the settings fix gamma and draft gamma: then, as in autoregressive mode, FixedPolicy)."""
         self.target, self.eos_ids, self.settings = target, eos_ids, settings
@@ -46,6 +48,7 @@ class Session:
         self.stats = Stats()
         full = cache if cache is not None else FullCache(target.cfg, target.device, target.dtype, capacity=capacity)
         self.caches = ContextCaches(target, full, settings, self.stats, progress)
+        self.caches.store = kv_store
         self.fixed_policy = policy is None
         self.policy: RoundPolicy = policy
         self.use(mode, draft)

@@ -12,6 +12,7 @@ class Stats:
         self.l2_rows = self.l1_rejections = 0  # L2 query rows; L2 checks stopped by a rejection (adaptive.py)
         self.l3_rows = 0  # L3 query rows (a pipelined round's x1 is one more proposal verified, not one more row)
         self.prefilled_tokens = self.prefills = self.retrieval_builds = 0
+        self.restored_tokens = 0  # context rows read from the KV store (kv_store.py) instead of prefilled
         self.predraft_steps = self.predraft_used = self.predraft_dropped = 0  # pipelined rounds
         self.predraft_rounds = self.predrafts_finished = 0  # pipelined rounds; those whose pre-draft was complete
         self.rounds_all_accepted = 0  # rounds whose every proposal L3 accepted (a pre-draft is used only then)
@@ -45,6 +46,7 @@ class Stats:
             "time_l1_s": self.time["l1"], "time_l2_s": self.time["l2"], "time_l3_s": self.time["l3"],
             "time_overlapped_s": self.time["overlap"],
             "prefilled_tokens": self.prefilled_tokens,
+            "restored_tokens": self.restored_tokens,
             "prefills": self.prefills,
             "retrieval_builds": self.retrieval_builds,
             "rounds_all_accepted": self.rounds_all_accepted,

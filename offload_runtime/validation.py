@@ -16,7 +16,7 @@ from typing import Any
 from .errors import UserError
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
-NEEDS_MODEL = ("prompt", "prompt_file", "context_file", "draft", "chat")
+NEEDS_MODEL = ("prompt", "prompt_file", "context_file", "draft", "chat", "kv_store")
 
 
 def check_flags(args: argparse.Namespace) -> None:

@@ -1,0 +1,337 @@
+"""A persistent store of the full cache's K/V rows, keyed by token prefix: a long document is
+prefilled once, then restored from disk on every later open (another question, a restart).
+
+The rows are kept in blocks of BLOCK tokens. Block i's key is a hash chained over the model's
+fingerprint and every token of blocks 0..i (as vLLM keys its prefix-cache blocks), so a context
+finds its longest cached prefix by walking its blocks until one is missing, and a longer version
+of a document reuses the blocks it shares. Each block is one file: a header (format version, the
+fingerprint's digest, the previous key, the block's token ids, shapes, dtype, a CRC32 per layer)
+and the raw K/V rows of every layer. A block that does not check out (corrupt, truncated, another
+model, dtype, weights or format) is skipped with one warning line and deleted; the caller prefills
+from there as if cold, so a bad file can cost time, never a wrong token. Writes go to a temporary
+file renamed into place: a reader or a second writer never sees half a block. A full disk is a
+warning; generation goes on. The store keeps under a byte limit by deleting the least recently
+used blocks (a read refreshes a block's time).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import struct
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .caches.base import FullKVCache
+from .model import CausalLM
+
+FORMAT = 1
+BLOCK = 256  # tokens per block
+MAGIC = b"ORKVSTR1"
+SUFFIX = ".kvb"
+DEFAULT_MAX_GB = 50.0
+_SAMPLE = 4096  # elements of each weight tensor in the weights digest
+
+
+def _warn(message: str) -> None:
+    print(f"warning: kv store: {message}", file=sys.stderr, flush=True)
+
+
+def model_fingerprint(model: CausalLM) -> dict:
+    """What makes cached rows valid for a model: its shape, RoPE, dtype and a digest of its weights
+    (a strided sample of every tensor: a swapped or retrained checkpoint changes it)."""
+    cfg, hf = model.cfg, model.cfg.hf_config
+    digest = hashlib.blake2b(digest_size=16)
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE].float().cpu()
+            digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            digest.update(sample.numpy().tobytes())
+    rope = {k: getattr(hf, k, None) for k in ("rope_parameters", "rope_scaling", "rope_theta")}
+    shape = {k: getattr(cfg, k) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                                          "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                          "max_position_embeddings")}
+    shape["sliding_windows"] = list(cfg.sliding_windows)
+    return {"format": FORMAT, "config": shape, "rope": json.loads(json.dumps(rope, default=str)),
+            "dtype": str(model.dtype).replace("torch.", ""), "weights": digest.hexdigest()}
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def block_keys(fingerprint_digest: str, tokens: list[int]) -> list[str]:
+    """Chained keys of the full blocks of `tokens`: key i commits to the model and tokens[:(i+1)*BLOCK]."""
+    keys, prev = [], fingerprint_digest
+    for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
+        h = hashlib.sha256(prev.encode())
+        h.update(struct.pack(f"<{BLOCK}q", *tokens[start:start + BLOCK]))
+        prev = h.hexdigest()
+        keys.append(prev)
+    return keys
+
+
+@dataclass
+class BlockHeader:
+    format: int
+    fingerprint: str
+    prev: str
+    tokens: list[int]
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    crc: list[int]  # CRC32 of each layer's K then V bytes
+
+    def layer_bytes(self) -> int:
+        return 2 * self.kv_heads * BLOCK * self.head_dim * torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
+
+
+class BadBlock(Exception):
+    """A block file that does not check out (the message says why)."""
+
+
+class KVStore:
+    def __init__(self, root: str | Path, model: CausalLM, max_bytes: int | None = None,
+                 warn: Callable[[str], None] = _warn) -> None:
+        """root: the store's folder (created); one subfolder per model fingerprint."""
+        self.fingerprint = model_fingerprint(model)
+        self.digest = _digest(self.fingerprint)
+        self.root = Path(root)
+        self.dir = self.root / f"v{FORMAT}" / self.digest[:32]
+        self.max_bytes, self.warn = max_bytes, warn
+        self.cfg, self.dtype = model.cfg, model.dtype
+        self.saves_failed = False  # (a full disk warns once, then the store only reads)
+        self.restored_tokens = 0  # rows this process restored (reports and tests)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            manifest = self.dir / "model.json"
+            if not manifest.exists():
+                _atomic_write(manifest, json.dumps(self.fingerprint, indent=1).encode())
+        except OSError as exc:
+            self.warn(f"cannot use {self.dir}: {exc.strerror or exc}; documents are prefilled as usual")
+            self.saves_failed = True
+
+    # -- lookup and restore ----------------------------------------------------------------------------
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}{SUFFIX}"
+
+    def cached_prefix(self, tokens: list[int]) -> int:
+        """Tokens of `tokens` whose rows the store holds (a whole number of blocks; files not yet read)."""
+        n = 0
+        for key in block_keys(self.digest, tokens):
+            if not self.path(key).exists():
+                break
+            n += BLOCK
+        return n
+
+    def restore(self, cache: FullKVCache, tokens: list[int], limit: int) -> int:
+        """Append to `cache` (holding tokens[:cache.length]) the stored rows of tokens[cache.length:n],
+        n = the cached prefix, at most `limit`; return the rows appended. A block that fails its checks
+        is deleted with a warning and the restore stops there (the rest is prefilled)."""
+        keys = block_keys(self.digest, tokens[:limit])
+        start = cache.length
+        loaded: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for i in range(start // BLOCK, len(keys)):
+            try:
+                loaded.append(self._read(keys[i], keys[i - 1] if i else self.digest, tokens[i * BLOCK:(i + 1) * BLOCK]))
+            except BadBlock as exc:
+                self.warn(f"skipped a block ({exc}); prefilling from token {i * BLOCK}")
+                self.path(keys[i]).unlink(missing_ok=True)
+                break
+            except FileNotFoundError:
+                break
+        stop = (start // BLOCK + len(loaded)) * BLOCK
+        if stop <= start:
+            return 0
+        _append_rows(cache, loaded, start - (start // BLOCK) * BLOCK, stop - start)
+        self.restored_tokens += stop - start
+        return stop - start
+
+    def _read(self, key: str, prev: str, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One block's rows per layer, (K, V) [Hkv, BLOCK, D], after every check."""
+        path = self.path(key)
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + 8)
+            if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
+                raise BadBlock(f"{path.name}: not a block file")
+            (n,) = struct.unpack("<Q", head[len(MAGIC):])
+            try:
+                h = BlockHeader(**json.loads(f.read(min(n, 1 << 20))))
+            except (ValueError, TypeError) as exc:
+                raise BadBlock(f"{path.name}: unreadable header ({exc})") from None
+            self._check(h, prev, tokens, path.name)
+            size = h.layer_bytes()
+            out = []
+            for layer in range(h.layers):
+                data = f.read(size)
+                if len(data) < size:
+                    raise BadBlock(f"{path.name}: truncated at layer {layer}")
+                if zlib.crc32(data) != h.crc[layer]:
+                    raise BadBlock(f"{path.name}: checksum mismatch in layer {layer}")
+                kv = torch.frombuffer(bytearray(data), dtype=self.dtype).view(2, h.kv_heads, BLOCK, h.head_dim)
+                out.append((kv[0], kv[1]))
+            if f.read(1):
+                raise BadBlock(f"{path.name}: trailing bytes")
+        os.utime(path)  # least recently used goes first
+        return out
+
+    def _check(self, h: BlockHeader, prev: str, tokens: list[int], name: str) -> None:
+        cfg = self.cfg
+        if h.format != FORMAT:
+            raise BadBlock(f"{name}: format {h.format}, this runtime reads {FORMAT}")
+        if h.fingerprint != self.digest:
+            raise BadBlock(f"{name}: written for another model, dtype or weights")
+        if (h.layers, h.kv_heads, h.head_dim, h.dtype) != (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                                            str(self.dtype).replace("torch.", "")):
+            raise BadBlock(f"{name}: shapes or dtype differ from the model's")
+        if h.prev != prev or h.tokens != tokens or len(h.crc) != h.layers:
+            raise BadBlock(f"{name}: its tokens are not this context's")
+
+    # -- save ------------------------------------------------------------------------------------------
+    def save(self, cache: FullKVCache, tokens: list[int]) -> int:
+        """Store every full block of rows [0, cache.length) the store lacks; return blocks written."""
+        if self.saves_failed:
+            return 0
+        keys = block_keys(self.digest, tokens[: cache.length])
+        written = 0
+        for i, key in enumerate(keys):
+            if self.path(key).exists():
+                continue
+            try:
+                _atomic_write(self.path(key), self._block_bytes(cache, i, keys[i - 1] if i else self.digest,
+                                                                 tokens[i * BLOCK:(i + 1) * BLOCK]))
+            except OSError as exc:
+                self.warn(f"cannot write to {self.dir} ({exc.strerror or exc}); generation goes on without saving")
+                self.saves_failed = True
+                break
+            written += 1
+        if written and self.max_bytes is not None:
+            evict(self.root, self.max_bytes)
+        return written
+
+    def _block_bytes(self, cache: FullKVCache, i: int, prev: str, tokens: list[int]) -> bytes:
+        a, b = i * BLOCK, (i + 1) * BLOCK
+        layers = []
+        for layer in range(self.cfg.num_layers):
+            k, v = cache.rows(layer, a, b)
+            layers.append(torch.stack([k, v]).to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        h = BlockHeader(FORMAT, self.digest, prev, list(tokens), self.cfg.num_layers, self.cfg.num_kv_heads,
+                        self.cfg.head_dim, str(self.dtype).replace("torch.", ""), [zlib.crc32(x) for x in layers])
+        header = json.dumps(h.__dict__).encode()
+        return b"".join([MAGIC, struct.pack("<Q", len(header)), header, *layers])
+
+
+def _append_rows(cache: FullKVCache, blocks: list[list[tuple[torch.Tensor, torch.Tensor]]], skip: int,
+                 n: int) -> None:
+    """Write n rows (the blocks' rows after the first `skip`) after cache.length, a layer at a time,
+    as the layer-major prefill does (open_layer / close_layer / advance)."""
+    start = cache.length
+    with torch.inference_mode():
+        for layer in range(len(blocks[0])):
+            k_buf, v_buf = cache.open_layer(layer, n)
+            k = torch.cat([blk[layer][0] for blk in blocks], dim=1)[:, skip:skip + n]
+            v = torch.cat([blk[layer][1] for blk in blocks], dim=1)[:, skip:skip + n]
+            k_buf[:, start:start + n] = k.to(k_buf.device)
+            v_buf[:, start:start + n] = v.to(v_buf.device)
+            cache.close_layer(layer, start, start + n)
+        cache.advance(n)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- the store as a whole: list, evict, clear -------------------------------------------------------
+def _blocks(root: Path) -> list[Path]:
+    return sorted(root.glob(f"v*/*/*{SUFFIX}"))
+
+
+def evict(root: str | Path, max_bytes: int) -> int:
+    """Delete the least recently used blocks until the store holds at most max_bytes; blocks deleted."""
+    files = []
+    for p in _blocks(Path(root)):
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # (another process evicted it)
+            continue
+        files.append((st.st_mtime, st.st_size, p))
+    total, gone = sum(s for _, s, _ in files), 0
+    for _, size, p in sorted(files, key=lambda f: f[0]):
+        if total <= max_bytes:
+            break
+        p.unlink(missing_ok=True)
+        total, gone = total - size, gone + 1
+    return gone
+
+
+def describe(root: str | Path) -> list[dict]:
+    """One entry per model in the store: its fingerprint, blocks, bytes and last use."""
+    out = []
+    for d in sorted(Path(root).glob("v*/*")):
+        files = list(d.glob(f"*{SUFFIX}"))
+        try:
+            model = json.loads((d / "model.json").read_text())
+        except (OSError, ValueError):
+            model = None
+        stats = [p.stat() for p in files]
+        out.append({"folder": str(d), "model": model, "blocks": len(files), "tokens": len(files) * BLOCK,
+                    "bytes": sum(s.st_size for s in stats),
+                    "last_used": max((s.st_mtime for s in stats), default=None)})
+    return out
+
+
+def clear(root: str | Path) -> int:
+    """Delete every block and model folder of the store; blocks deleted."""
+    files = _blocks(Path(root))
+    for p in files:
+        p.unlink(missing_ok=True)
+    for d in Path(root).glob("v*/*"):
+        for p in d.iterdir():
+            p.unlink(missing_ok=True)
+        d.rmdir()
+    return len(files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m offload_runtime.kv_store DIR [--clear | --max-gb N]: list (default), clear or trim a store."""
+    p = argparse.ArgumentParser(prog="python -m offload_runtime.kv_store", description=main.__doc__)
+    p.add_argument("store", help="the folder given to --kv-store")
+    p.add_argument("--clear", action="store_true", help="delete everything in the store")
+    p.add_argument("--max-gb", type=float, help="delete least recently used blocks down to this size")
+    args = p.parse_args(argv)
+    if not Path(args.store).is_dir():
+        print(f"error: {args.store} is not a folder", file=sys.stderr)
+        return 2
+    if args.clear:
+        print(f"deleted {clear(args.store)} blocks")
+        return 0
+    if args.max_gb is not None:
+        print(f"deleted {evict(args.store, int(args.max_gb * 2**30))} blocks")
+    for e in describe(args.store):
+        m = e["model"] or {}
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["last_used"] else "-"
+        print(f"{e['folder']}: {m.get('config', {}).get('model_type', '?')} {m.get('dtype', '?')}, "
+              f"{e['blocks']} blocks ({e['tokens']} tokens), {e['bytes'] / 2**30:.2f} GiB, last used {used}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
