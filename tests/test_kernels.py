@@ -362,3 +362,28 @@ def test_engine_greedy_tokens_unchanged_with_triton_kernels(tk, monkeypatch, che
     assert got.stats["retrieval_rows"] < len(prompt), "the retrieval cache should hold a selection"
     assert calls["chunk_scores"] == target.model.cfg.num_layers
     assert calls["attention"] > 0
+
+
+@pytest.mark.parametrize("hq,hkv,t,length", [(8, 2, 5, 37), (8, 2, 37, 37), (4, 4, 16, 100), (8, 1, 1, 9)])
+def test_prefill_block_is_attended_without_a_mask(monkeypatch, hq, hkv, t, length):
+    """A prefill block (queries = the last rows of contiguous keys) takes the maskless split: the
+    flash kernel twice (once when the block is the whole context), merged by log-sum-exp, equal to
+    the reference; per-head positions, a window or a gap in the positions keep the masked path."""
+    from offload_runtime.kernels import sdpa
+
+    calls = []
+    real = sdpa._FLASH
+    monkeypatch.setattr(sdpa, "_FLASH", lambda *a: calls.append(a[4]) or real(*a))
+    q, k, v, q_pos, k_pos = _inputs(hq, hkv, t, length, 16, torch.float32, seed=t)
+    q, k, v, q_pos, k_pos = (x.cpu() for x in (q, k, v, q_pos, k_pos))
+    want = ref.attention_reference(q, k, v, q_pos, k_pos)
+    assert torch.allclose(attention_sdpa(q, k, v, q_pos, k_pos), want, atol=1e-5, rtol=0)
+    assert calls == ([True] if t == length else [True, False])  # own rows causal, earlier rows unmasked
+    calls.clear()
+    assert torch.allclose(attention_sdpa(q, k, v, q_pos, k_pos, 4), ref.attention_reference(q, k, v, q_pos, k_pos, 4),
+                          atol=1e-5, rtol=0)
+    gap = k_pos.clone()
+    gap[0] = -1  # not 0..L-1: the masked path, still exact
+    assert torch.allclose(attention_sdpa(q, k, v, q_pos, gap), ref.attention_reference(q, k, v, q_pos, gap),
+                          atol=1e-5, rtol=0)
+    assert calls == []
