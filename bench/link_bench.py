@@ -203,7 +203,7 @@ def run_context(args: argparse.Namespace, target: Any, draft: Any, context: int,
     runs["3"] = run(session, "triforce", draft, context, full_new)
     session.use("autoregressive")  # drop L2, then a realistic budget for the cost-model rows
     budget = max(2 * args.chunk_size, context // args.budget_share // args.chunk_size * args.chunk_size)
-    session.settings = dataclasses.replace(settings, budget=budget)
+    session.reconfigure(dataclasses.replace(settings, budget=budget))  # (assigning .settings left L2 at the full budget)
     runs["real"] = run(session, "triforce", draft, context, 3)
     rows = [measured_row("ours autoregressive", context, runs["ar"], link_gbps, ar_s),
             measured_row("ours triforce 2-level, budget >= context", context, runs["2"], link_gbps, ar_s),

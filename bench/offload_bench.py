@@ -216,7 +216,7 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
         if fixed is not None:
             systems += [(f"{name} fixed {fixed.gamma}/{fixed.draft_gamma}", mode, d) for name, mode, d in systems[1:]]
         for name, mode, d in systems:
-            session.settings = fixed if " fixed " in name else settings
+            session.reconfigure(fixed if " fixed " in name else settings)
             stats, tokens = run_ours(session, mode, d, context, args.new_tokens)
             stats["prefill_s"] = prefill_s
             if device.type == "cuda":

@@ -84,8 +84,7 @@ def make_session(target: Any, args: argparse.Namespace, link_gbps: float | None)
 
 def run(session: Any, pipeline: str, args: argparse.Namespace) -> dict:
     session.truncate(args.context)
-    session.settings = dataclasses.replace(session.settings, pipeline=pipeline)
-    session.caches.settings = session.settings
+    session.reconfigure(dataclasses.replace(session.settings, pipeline=pipeline))
     session.use("triforce")
     clock = Clock(session.full.backend.collect)
     result = session.generate(args.new_tokens, clock)

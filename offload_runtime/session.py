@@ -113,9 +113,16 @@ class Session:
         if self.l1 is not None:
             self.l1.reset(self.context)
 
-    def _restore(self) -> None:
-        """After an interruption: keep only cache rows that match committed context tokens."""
-        self.truncate(len(self.context))
+    def reconfigure(self, settings: EngineSettings | None = None, params: SamplingParams | None = None,
+                    generator: torch.Generator | None = None) -> None:
+        """Change the engine settings or the sampling between answers; every holder follows (L2's budget
+        and chunks, the draft level, the speculator, the policy; every level draws through the sampler)."""
+        if params is not None:
+            self.sampler.params, self.sampler.generator = params, generator or self.sampler.generator
+        if settings is not None:
+            self.settings = self.caches.settings = settings
+            self.caches.use_retrieval(False)  # rebuilt with the new budget at the next catch-up
+            self.use(self.mode, self.l1.model if self.l1 else None)
 
     def _catch_up(self) -> None:
         if self.caches.catch_up() and self.speculator is not None:
@@ -135,21 +142,14 @@ class Session:
                 choice = self.sampler.agree(self.policy.next_round(remaining, len(self.context)))
                 self.policy.observe(self._round(choice, out, on_tokens, max_new_tokens))
         except KeyboardInterrupt:
-            self._restore()
+            self.truncate(len(self.context))  # keep only cache rows that match committed context tokens
             self._mark = self.stats.snapshot()  # the next answer's statistics start here
             raise
         finally:
             if self.full.length != len(self.context):  # the newest token is not in the cache: no logits yet
                 self.caches.logits = None
         before, self._mark = self._mark, self.stats.snapshot()
-        stats = answer_stats(self.stats.since(before), self.mode, len(self.context), len(out), t1)
-        stats.update(retrieval_rows=self.retrieval.selected if self.retrieval else None,
-                     levels=(3 if self.l1 else 2) if self.mode == "triforce" else 1,
-                     draft_evicted_rows=self.l1.cache.evicted if self.l1 else 0)
-        stats.update(self.full.report(len(out), stats["time_l3_s"]))
-        if self.mode == "triforce" and hasattr(self.policy, "report"):  # the controller's choices and estimates
-            stats["adaptive"] = self.policy.report()
-        return GenerationResult(out, stats)
+        return GenerationResult(out, _answer_stats(self, self.stats.since(before), len(out), t1))
 
     def _round(self, choice: RoundChoice, out: list[int], on_tokens: TokenCallback | None,
                max_new: int) -> RoundOutcome:
@@ -183,3 +183,16 @@ class Session:
         out.extend(take)
         if on_tokens:
             on_tokens(take)
+
+
+def _answer_stats(session: Session, counted: Stats, new_tokens: int, decode_start: float) -> dict:
+    """One answer's statistics: its counters, where its levels and rows were, the cache's traffic."""
+    s = session
+    stats = answer_stats(counted, s.mode, len(s.context), new_tokens, decode_start)
+    stats.update(retrieval_rows=s.retrieval.selected if s.retrieval else None,
+                 levels=(3 if s.l1 else 2) if s.mode == "triforce" else 1,
+                 draft_evicted_rows=s.l1.cache.evicted if s.l1 else 0)
+    stats.update(s.full.report(new_tokens, stats["time_l3_s"]))
+    if s.mode == "triforce" and hasattr(s.policy, "report"):  # the controller's choices and estimates
+        stats["adaptive"] = s.policy.report()
+    return stats
