@@ -21,34 +21,46 @@ log = logging.getLogger("offload_runtime.serve")
 
 class DeadlineProtocol(H11Protocol):
     """HTTP/1.1 whose connections must send a request's complete headers within `read_timeout` seconds
-    of opening (or of the previous answer); else the connection is closed, with one log line. The body
-    has its own deadline in the application (server_app.read_json: 408)."""
+    of opening, or of the first byte of a later request; else the connection is closed, with one log line.
+    (Idle keep-alive connections stay uvicorn's: closed after --timeout-keep-alive. The body has its own
+    deadline in the application: server_app.read_json, 408.)"""
 
     def __init__(self, *args: Any, read_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.read_timeout, self.deadline = read_timeout, None
+        self.read_timeout = read_timeout
+        self.deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        if self.deadline is None and self._between_requests():
+            self._arm()  # the first bytes of a new request
+        super().data_received(data)
+
     def on_response_complete(self) -> None:
+        self._disarm()
         super().on_response_complete()
-        self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
+        self._disarm()
         super().connection_lost(exc)
 
+    def _between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
     def _arm(self) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
         self.deadline = self.loop.call_later(self.read_timeout, self._expire)
 
+    def _disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
     def _expire(self) -> None:
-        waiting = self.cycle is None or self.cycle.response_complete  # no request begun since the timer started
-        if waiting and not self.transport.is_closing():
+        self.deadline = None
+        if self._between_requests() and not self.transport.is_closing():  # the headers never completed
             who = "%s:%d" % self.client if self.client else "a client"
             log.warning("%s sent no complete request headers within %g s: connection closed", who, self.read_timeout)
             self.transport.close()

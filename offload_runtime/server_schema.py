@@ -38,7 +38,7 @@ def _kind(value: Any) -> str:
 
 def _one_prompt(value: Any) -> Any:
     """A batch of one prompt (["text"] or [[ids]]) is that prompt; a batch of more is refused."""
-    batch = isinstance(value, list) and any(isinstance(v, (str, list)) for v in value)
+    batch = isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value)
     if batch and len(value) > 1:
         raise ValueError(f"one prompt per request (a string or a list of token ids), got a batch of {len(value)}")
     return value[0] if batch else value
