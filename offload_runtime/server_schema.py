@@ -116,7 +116,7 @@ class ChatRequest(Generation):
 class CompletionRequest(Generation):
     prompt: Annotated[Annotated[Annotated[Text, Tag("a string")] | Annotated[list[TokenId], Tag("a list")],
                                 Discriminator(_kind)], BeforeValidator(_one_prompt)] = Field(
-        description="one string or one list of token ids (one prompt per request)")
+        description="one string or one list of token ids, one prompt per request")
 
 
 MODELS = (TextPart, Message, StreamOptions, Generation, ChatRequest, CompletionRequest)
