@@ -4,10 +4,14 @@ Takes the model, generation, engine and memory flags of `run` (the generation fl
 defaults of requests that do not set them) plus --host, --port and --api-key. One engine, batch 1:
 requests queue and run one at a time; each reuses the caches of the longest token prefix it shares
 with the previous conversation (see server_engine). A user error prints one `error:` line, exit 2.
+SIGTERM or SIGINT stop accepting, cancel the running generations and exit 0 within about a second.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
+import math
 import os
 import sys
 from typing import Any, Sequence
@@ -28,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "$OFFLOAD_RUNTIME_API_KEY if set, else no key)")
     g.add_argument("--model-name", help="the model id clients send and /v1/models lists (unset: --model)")
     g.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies are refused (413)")
+    g.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request's headers, then its body, must arrive within this time (else the connection "
+                   "is closed, or 408)")
     return p
 
 
@@ -42,6 +49,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if not args.max_body_mb > 0:
         raise UserError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    if not (args.read_timeout > 0 and math.isfinite(args.read_timeout)):
+        raise UserError(f"--read-timeout must be a positive number of seconds, got {args.read_timeout}")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key is empty")
     return args
@@ -59,15 +68,31 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     target, draft = load_models(args, job.device)
     worker = EngineWorker(new_session(args, job, target, draft), target.tokenizer, target.eos_ids, job.device,
                           args.seed)
-    config = ServerConfig(args.model_name or args.model, args, args.api_key, int(args.max_body_mb * (1 << 20)))
+    config = ServerConfig(args.model_name or args.model, args, args.api_key, int(args.max_body_mb * (1 << 20)),
+                          args.read_timeout)
     return create_app(worker, config), worker
+
+
+def make_server(app: Any, worker: Any, host: str, port: int, read_timeout: float, log_level: str = "info") -> Any:
+    """The uvicorn server as `serve` runs it (tests start the same one): a deadline for request headers,
+    and a signal stops it at once (see Server)."""
+    import uvicorn
+
+    from .server_http import DeadlineProtocol, Server
+
+    http = functools.partial(DeadlineProtocol, read_timeout=read_timeout)
+    logs = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # our one-line notes (disconnects, timeouts) as uvicorn's
+    logs["loggers"]["offload_runtime"] = {"handlers": ["default"], "level": log_level.upper()}
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http, log_config=logs,
+                            timeout_graceful_shutdown=Server.GRACE_S)
+    return Server(config, worker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         try:
-            import uvicorn
+            import uvicorn  # noqa: F401  (installed?)
         except ImportError:
             raise UserError("the server needs fastapi and uvicorn: pip install 'offload_runtime[serve]'")
         app, worker = build(args)
@@ -80,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"serving {args.model_name or args.model} at http://{args.host}:{args.port}/v1 "
           f"(context {worker.max_context} tokens)", file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        make_server(app, worker, args.host, args.port, args.read_timeout).run()
     finally:
         worker.close()
     return 0

@@ -17,7 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from . import server_schema as schema
 from .chat import ChatFormat
 from .errors import UserError
 from .server_engine import Completion, EngineWorker
@@ -35,14 +37,20 @@ class ServerConfig:
     defaults: Any  # the parsed flags: max_new_tokens, temperature, top_p
     api_key: str | None = None
     max_body_bytes: int = 8 << 20
+    read_timeout_s: float = 30.0  # a request's body must arrive within this time of its headers
 
 
 def error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    closing = {"Connection": "close"} if exc.status in (408, 499) else None  # (the rest of the body is not read)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=closing)
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, refused (413) past `limit` bytes before it is all read."""
+def client_name(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "a client"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) past `limit` bytes before it is all read."""
     length = request.headers.get("content-length", "")
     too_large = ApiError(413, f"the request body is larger than the server's limit of {limit} bytes",
                          code="request_too_large")
@@ -54,10 +62,25 @@ async def read_json(request: Request, limit: int) -> dict:
         if size > limit:
             raise too_large
         body.append(part)
+    return b"".join(body)
+
+
+async def read_json(request: Request, limit: int, timeout: float) -> dict:
+    """The body as a JSON object. A body not all there `timeout` seconds after the headers is refused
+    (408): a client that stalls must not hold its connection forever. One log line when a client leaves."""
     try:
-        data = json.loads(b"".join(body))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json")
+        async with asyncio.timeout(timeout):
+            raw = await read_body(request, limit)
+    except TimeoutError:
+        log.warning("%s sent no complete request body within %g s: 408", client_name(request), timeout)
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout")
+    except ClientDisconnect:
+        log.info("%s disconnected before sending its whole request", client_name(request))
+        raise ApiError(499, "the client closed the request", code="client_closed_request")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (RecursionError: [[[[... nested too deep)
+        raise ApiError(400, f"the body is not valid JSON: {str(exc)[:200]}", code="invalid_json")
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
     return data
@@ -83,8 +106,7 @@ class Routes:
             raise ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                            code="invalid_api_key")
 
-    def check_model(self, body: dict) -> None:
-        model = body.get("model")
+    def check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.model_name:
             raise ApiError(404, f"the model {model!r} does not exist; this server has {self.config.model_name!r}",
                            param="model", code="model_not_found")
@@ -98,7 +120,7 @@ class Routes:
 
     async def model(self, name: str, request: Request) -> dict:
         self.authorize(request)
-        self.check_model({"model": name})
+        self.check_model(name)
         return self.model_card()
 
     async def health(self) -> dict:
@@ -113,26 +135,36 @@ class Routes:
 
     async def _complete(self, request: Request, chat: bool) -> Any:
         self.authorize(request)
-        body = await read_json(request, self.config.max_body_bytes)
-        self.check_model(body)
-        options = parse_options(body, self.config.defaults)
-        ids = chat_prompt_ids(body, self.format) if chat else completion_prompt_ids(body, self.worker.tokenizer)
+        body = await read_json(request, self.config.max_body_bytes, self.config.read_timeout_s)
+        kind = schema.ChatRequest if chat else schema.CompletionRequest  # (looked up here: a test swaps one)
+        valid = schema.validate(kind, body, vocabulary=len(self.worker.tokenizer))
+        self.check_model(valid.model)
+        options = parse_options(valid, self.config.defaults)
+        ids = chat_prompt_ids(valid, self.format) if chat else completion_prompt_ids(valid, self.worker.tokenizer)
         max_tokens = fit_max_tokens(options.max_tokens, len(ids), self.worker.max_context,
                                     self.config.defaults.max_new_tokens, "messages" if chat else "prompt")
         job = EngineRequest(ids, max_tokens, options.params, options.seed, options.stop)
         rid = new_id("chatcmpl" if chat else "cmpl")
+        self.check_open()
         if options.stream:
-            events = self._stream(job, rid, chat, options.include_usage)
+            events = self._stream(job, rid, chat, options.include_usage, client_name(request))
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         done = await self._wait(job, request)
         return response(done, rid, self.config.model_name, chat)
 
+    def check_open(self) -> None:
+        if self.worker.closing:
+            raise ApiError(503, "the server is shutting down", code="server_shutting_down", kind="server_error")
+
     async def _result(self, future: asyncio.Future) -> Completion:
         try:
-            return await future
+            done = await future
         except UserError as exc:
             raise user_error(exc)
+        if done.finish_reason == "cancelled":
+            self.check_open()  # cancelled by the shutdown: say so (a client that left hears nothing anyway)
+        return done
 
     async def _wait(self, job: EngineRequest, request: Request) -> Completion:
         """The answer of a non-streamed request; a client that disconnects meanwhile cancels it."""
@@ -142,10 +174,14 @@ class Routes:
             if done:
                 break
             if await request.is_disconnected():
+                log.info("%s disconnected while waiting for its answer: generation cancelled", client_name(request))
                 job.cancelled.set()
+        if not future.done():
+            self.check_open()  # shutting down: answer now, the engine stops on its own
         return await self._result(future)
 
-    async def _stream(self, job: EngineRequest, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, job: EngineRequest, rid: str, chat: bool, include_usage: bool,
+                      client: str) -> AsyncIterator[str]:
         """Server-sent events: text deltas as the engine produces them, the finish, [DONE].
         Leaving early (the client disconnected: Starlette cancels this generator) cancels the job."""
         loop = asyncio.get_running_loop()
@@ -157,16 +193,18 @@ class Routes:
             except RuntimeError:  # the loop is closed (shutdown)
                 pass
 
-        job.on_text = post
+        job.on_text, job.on_shutdown = post, lambda: post(None)
         name = self.config.model_name
+        future = self.worker.submit(job)
+        future.add_done_callback(lambda _: post(None))
         try:
-            future = self.worker.submit(job)
-            future.add_done_callback(lambda _: post(None))
             if chat:
                 yield sse(chunk(rid, name, chat, None, role=True))
             while (text := await queue.get()) is not None:
                 yield sse(chunk(rid, name, chat, text))
             try:
+                if not future.done():
+                    self.check_open()  # shutting down: answer now, the engine stops on its own
                 done = await self._result(asyncio.wrap_future(future))
             except ApiError as exc:
                 yield sse(exc.body())
@@ -181,6 +219,8 @@ class Routes:
                 yield sse(dict(chunk(rid, name, chat, None), choices=[], usage=usage(done)))
             yield "data: [DONE]\n\n"
         finally:
+            if not future.done() and not job.cancelled.is_set():
+                log.info("%s disconnected mid-stream: generation cancelled", client)
             job.cancelled.set()  # a no-op once the job is done
 
 

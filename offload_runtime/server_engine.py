@@ -55,6 +55,7 @@ class Request:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     on_text: Callable[[str], None] | None = None  # streamed text deltas (called on the worker thread)
+    on_shutdown: Callable[[], None] | None = None  # called by cancel_all (from a signal handler: must only post)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrival: int = -1  # set by EngineWorker.submit
     received: float = field(default_factory=time.perf_counter)
@@ -125,6 +126,8 @@ class EngineWorker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._arrivals, self._served = itertools.count(), itertools.count()
         self.counts = {"received": 0, "completed": 0, "cancelled": 0, "failed": 0}
+        self.closing = False  # set by cancel_all: the server is shutting down
+        self._live: list[tuple[Request, Future]] = []  # queued or running (changed on the event loop's thread only)
 
     @property
     def max_context(self) -> int:
@@ -134,9 +137,21 @@ class EngineWorker:
         """Queue a request (call from one thread: the event loop); the future gives its Completion."""
         request.arrival = next(self._arrivals)
         self.counts["received"] += 1
-        return self._pool.submit(self._run, request)
+        future = self._pool.submit(self._run, request)
+        self._live = [(r, f) for r, f in self._live if not f.done()] + [(request, future)]
+        return future
+
+    def cancel_all(self) -> None:
+        """Shutting down: cancel every queued and running request through its token callback (the Ctrl-C
+        path), so none holds the exit. Safe from a signal handler: it only sets events."""
+        self.closing = True
+        for request, _ in tuple(self._live):
+            request.cancelled.set()
+            if request.on_shutdown:
+                request.on_shutdown()
 
     def close(self) -> None:
+        self.cancel_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, request: Request) -> Completion:

@@ -1,20 +1,19 @@
-"""OpenAI request bodies in, engine requests out: validation (every refusal names its parameter),
-prompt rendering and tokenization, and the OpenAI response shapes."""
+"""Validated OpenAI requests in (server_schema), engine requests out: options, prompt rendering and
+tokenization, the refusals that need the model (context length), and the OpenAI response shapes."""
 from __future__ import annotations
 
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .chat import ChatFormat
 from .errors import UserError
 from .sampling import SamplingParams
 from .server_engine import Completion
 
-ROLES = ("system", "developer", "user", "assistant")
-UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False, "suffix": None,
-               "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None}  # accepted only at these values
+if TYPE_CHECKING:  # (the schema imports ApiError from here)
+    from .server_schema import ChatRequest, CompletionRequest, Generation, Message
 
 
 class ApiError(Exception):
@@ -44,82 +43,26 @@ class Options:
     include_usage: bool
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise invalid(name, f"must be a number, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
-        raise invalid(name, f"must be in {'(' if low_open else '['}{low}, {high}], got {value}")
-    return float(value)
+def parse_options(request: Generation, defaults: Any) -> Options:
+    """Sampling and length options of a validated request; `defaults`: the server's flags (run's generation group)."""
+    max_tokens = request.max_completion_tokens or request.max_tokens
+    temperature = defaults.temperature if request.temperature is None else request.temperature
+    top_p = defaults.top_p if request.top_p is None else request.top_p
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return Options(max_tokens, SamplingParams(temperature, top_p), request.seed, stop, bool(request.stream),
+                   include_usage)
 
 
-def _integer(body: dict, name: str, positive: bool) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or (positive and value <= 0):
-        raise invalid(name, f"must be {'a positive' if positive else 'an'} integer, got {value!r}")
-    return value
+def _text(message: Message) -> str:
+    content = message.content
+    return content if isinstance(content, str) else "".join(part.text for part in content)
 
 
-def _stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise invalid("stop", "must be a non-empty string or a list of at most 4 of them")
-    return stops
-
-
-def parse_options(body: dict, defaults: Any) -> Options:
-    """Sampling and length options; `defaults`: the server's flags (run's generation group)."""
-    for name, allowed in UNSUPPORTED.items():
-        value = body.get(name)
-        if value is not None and value != allowed and not (not allowed and not value):  # e.g. logprobs false
-            raise invalid(name, f"only {allowed!r} is supported, got {value!r}")
-    max_tokens = _integer(body, "max_completion_tokens", True)
-    max_tokens = _integer(body, "max_tokens", True) if max_tokens is None else max_tokens
-    temperature = _number(body, "temperature", defaults.temperature, 0.0, 2.0)
-    top_p = _number(body, "top_p", defaults.top_p, 0.0, 1.0, low_open=True)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise invalid("stream", f"must be true or false, got {stream!r}")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise invalid("stream_options", "must be an object")
-    seed = _integer(body, "seed", False)
-    if seed is not None and not -(1 << 63) <= seed < 1 << 64:
-        raise invalid("seed", f"must fit in 64 bits, got {seed}")
-    return Options(max_tokens, SamplingParams(temperature, top_p), seed, _stop(body), stream,
-                   bool(options.get("include_usage")))
-
-
-def _content(message: Any, i: int) -> str:
-    if not isinstance(message, dict):
-        raise invalid(f"messages[{i}]", "must be an object with role and content")
-    if message.get("role") not in ROLES:
-        raise invalid(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {message.get('role')!r}")
-    content = message.get("content")
-    if isinstance(content, list):  # content parts: text only
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise invalid(f"messages[{i}].content", "only text content parts are supported")
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise invalid(f"messages[{i}].content", "must be a string or a list of text parts")
-    return content
-
-
-def chat_prompt_ids(body: dict, fmt: ChatFormat) -> list[int]:
+def chat_prompt_ids(request: ChatRequest, fmt: ChatFormat) -> list[int]:
     """The conversation rendered as the chat renders it (the tokenizer's chat template), as token ids."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages", "must be a non-empty list of messages")
-    messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": _content(m, i)}
-                for i, m in enumerate(messages)]
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m)}
+                for m in request.messages]
     if fmt.templated:
         try:
             text = fmt.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -142,18 +85,13 @@ def plain_conversation(messages: list[dict]) -> str:
     return text
 
 
-def completion_prompt_ids(body: dict, tokenizer: Any) -> list[int]:
-    """/v1/completions: one prompt, a string or token ids, encoded as `run --prompt` encodes it."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+def completion_prompt_ids(request: CompletionRequest, tokenizer: Any) -> list[int]:
+    """/v1/completions: one prompt, a string or token ids (checked against the vocabulary by the schema),
+    encoded as `run --prompt` encodes it."""
+    prompt = request.prompt
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"] if prompt else []
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        if any(t < 0 or t >= len(tokenizer) for t in prompt):
-            raise invalid("prompt", "token ids must be in the vocabulary")
-        return prompt
-    raise invalid("prompt", "must be one string or one list of token ids (one prompt per request)")
+    return list(prompt)
 
 
 def fit_max_tokens(requested: int | None, n_prompt: int, limit: int, default: int, param: str) -> int:

@@ -1,10 +1,13 @@
 """The OpenAI-compatible server, driven by the official `openai` client over loopback: a document chat
 reuses its prefix and answers as the CLI does, concurrent clients are served in arrival order, a
-client leaving mid-stream frees the engine, and bad requests get OpenAI JSON errors."""
+client leaving mid-stream frees the engine, and bad requests get OpenAI JSON errors naming the field.
+Any 5xx answer fails the test that caused it (serve_harness); the injected engine failure proves it."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import socket
 import threading
 import time
 
@@ -12,7 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
+from serve_harness import StatusRecorder, expect_server_errors, fail_on_server_errors  # noqa: F401 (fixtures)
 
 from offload_runtime import loading, serve, synthetic
 from offload_runtime.generate import generate_autoregressive
@@ -27,6 +30,7 @@ ENGINE = ["--budget", "64", "--chunk-size", "8", "--gamma", "3", "--device", "cp
 DOCUMENT = synthetic.synthetic_text(200, seed=4)
 SYSTEM = {"role": "system", "content": "Answer questions about this document.\n\n" + DOCUMENT}
 MAX_BODY = 256 << 10
+READ_TIMEOUT = 2.0  # --read-timeout of the test server
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +45,28 @@ def models(checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(models):
-    """A server on an ephemeral loopback port (uvicorn in a thread of this process): its base URL."""
+def engine(models):
+    """(app wrapped in the 5xx recorder, worker) over the tiny models."""
     target, draft = models
     args = serve.parse_args(["--model", str(target), "--draft", str(draft), *ENGINE, "--max-new-tokens", "8",
-                             "--api-key", KEY, "--model-name", MODEL, "--max-body-mb", str(MAX_BODY / (1 << 20))])
+                             "--api-key", KEY, "--model-name", MODEL, "--max-body-mb", str(MAX_BODY / (1 << 20)),
+                             "--read-timeout", str(READ_TIMEOUT)])
     app, worker = serve.build(args)
-    web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    yield StatusRecorder(app), worker
+    worker.close()
+
+
+@pytest.fixture(scope="module")
+def recorder(engine):
+    return engine[0]
+
+
+@pytest.fixture(scope="module")
+def server(engine, recorder):
+    """A server on an ephemeral loopback port (uvicorn in a thread of this process, as `serve` configures
+    it): its base URL. (Through `recorder`, every test using it fails on a 5xx.)"""
+    app, worker = engine
+    web = serve.make_server(app, worker, "127.0.0.1", 0, READ_TIMEOUT, log_level="info")
     thread = threading.Thread(target=web.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -58,7 +77,6 @@ def server(models):
     yield f"http://127.0.0.1:{port}"
     web.should_exit = True
     thread.join(10)
-    worker.close()
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +260,34 @@ BAD = [  # (method, path, headers, body, status, code, param)
     ("POST", "/v1/chat/completions", {"Authorization": "Bearer wrong"}, {"messages": []}, 401, "invalid_api_key", None),
     ("GET", "/v1/models", {"Authorization": ""}, None, 401, "invalid_api_key", None),
     ("POST", "/v1/completions", {}, {"prompt": "x" * (MAX_BODY + 1)}, 413, "request_too_large", None),
+    # the five kinds that once got a 500 (issue 25): a message that is not an object, one without a role,
+    # NaN temperature or top_p (JSON's NaN, which Python's json reads), text the tokenizer cannot encode
+    ("POST", "/v1/chat/completions", {}, {"messages": [3]}, 400, "invalid_value", "messages[0]"),
+    ("POST", "/v1/chat/completions", {}, {"messages": ["hi"]}, 400, "invalid_value", "messages[0]"),
+    ("POST", "/v1/chat/completions", {}, {"messages": [{"content": "x"}]}, 400, "invalid_value", "messages[0].role"),
+    ("POST", "/v1/chat/completions", {}, {"messages": [{"role": "user", "content": "x"}], "temperature": float("nan")},
+     400, "invalid_value", "temperature"),
+    ("POST", "/v1/chat/completions", {}, {"messages": [{"role": "user", "content": "x"}], "top_p": float("nan")},
+     400, "invalid_value", "top_p"),
+    ("POST", "/v1/chat/completions", {}, {"messages": [{"role": "user", "content": "a\ud800"}]}, 400, "invalid_value",
+     "messages[0].content"),
+    ("POST", "/v1/completions", {}, {"prompt": "\udfff"}, 400, "invalid_value", "prompt"),
+    # more of each: non-finite and extreme numbers, unencodable text elsewhere, wrong types, deep nesting
+    ("POST", "/v1/completions", {}, {"prompt": "x", "temperature": float("-inf")}, 400, "invalid_value", "temperature"),
+    ("POST", "/v1/completions", {}, b'{"prompt": "x", "max_tokens": 1e400}', 400, "invalid_value", "max_tokens"),
+    ("POST", "/v1/completions", {}, {"prompt": "x", "max_tokens": 2.0}, 400, "invalid_value", "max_tokens"),
+    ("POST", "/v1/completions", {}, {"prompt": "x", "seed": "1"}, 400, "invalid_value", "seed"),
+    ("POST", "/v1/completions", {}, {"prompt": "x", "stop": ["ok", "\ud800"]}, 400, "invalid_value", "stop[1]"),
+    ("POST", "/v1/completions", {}, {"prompt": [5, "a"]}, 400, "invalid_value", "prompt[1]"),
+    ("POST", "/v1/completions", {}, {"prompt": [5, 1 << 40]}, 400, "invalid_value", "prompt[1]"),
+    ("POST", "/v1/completions", {}, {"prompt": "x", "model": ["a"]}, 400, "invalid_value", "model"),
+    ("POST", "/v1/completions", {}, {"prompt": "x", "stream_options": {"include_usage": "yes"}}, 400, "invalid_value",
+     "stream_options.include_usage"),
+    ("POST", "/v1/chat/completions", {}, {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]},
+     400, "invalid_value", "messages[0].content[0].text"),
+    ("POST", "/v1/chat/completions", {}, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "invalid_value", "messages[0].content[0].type"),
+    ("POST", "/v1/completions", {}, b"[" * 100_000, 400, "invalid_json", None),
 ]
 
 
@@ -269,11 +315,89 @@ def test_bad_requests_get_json_errors_and_the_server_goes_on(server, models):
     assert ok.usage.completion_tokens == 3
 
 
+def test_unknown_fields_are_accepted_and_ignored(server):
+    """OpenAI clients send fields this server does not use (user, metadata, tools, a message's name...)."""
+    body = {"model": MODEL, "max_tokens": 2, "user": "u1", "metadata": {"a": "b"}, "tools": [], "store": False,
+            "response_format": {"type": "text"}, "stream_options": None, "stop": None, "max_completion_tokens": None,
+            "messages": [{"role": "user", "content": "Hi", "name": "bob"}]}
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_an_engine_failure_is_a_500_and_the_harness_sees_it(server, engine, recorder, monkeypatch,
+                                                            expect_server_errors):
+    """The one 5xx there is: the engine itself failing. It proves the harness that fails every other test
+    on a 5xx sees both kinds (an HTTP 500, and an error event inside a 200 stream)."""
+    _, worker = engine
+    before, seen = health(server), len(recorder.failures)
+
+    def broken(*_, **__):
+        raise RuntimeError("injected engine failure")
+
+    monkeypatch.setattr(worker.session, "generate", broken)
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server + "/v1/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    streamed = httpx.post(server + "/v1/completions", json=dict(body, stream=True), headers=headers, timeout=60)
+    assert streamed.status_code == 200 and '"type": "server_error"' in streamed.text
+    caught = recorder.failures[seen:]
+    assert [f for f in caught if f.endswith("HTTP 500")] and [f for f in caught if "event in the stream" in f], caught
+    monkeypatch.undo()
+    assert health(server)["failed"] == before["failed"] + 2
+    ok = httpx.post(server + "/v1/completions", json=body, headers=headers, timeout=60)
+    assert ok.status_code == 200  # the session started empty again and works
+
+
+def _log_lines(records: list[logging.LogRecord], text: str) -> list[str]:
+    return [r.getMessage() for r in records if text in r.getMessage()]
+
+
+def test_stalled_and_vanishing_clients_get_a_deadline_and_one_log_line(server, caplog):
+    """A client that sends half its headers is cut off after --read-timeout; one that sends headers and
+    then stalls gets a 408; one that leaves mid-request or mid-stream costs one log line, no traceback."""
+    host, port = server.removeprefix("http://").split(":")
+    caplog.set_level(logging.INFO)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # (it does not propagate to the root: watch it too)
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        headers = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n".encode()
+        half_headers, half_body, gone = (socket.create_connection((host, int(port))) for _ in range(3))
+        half_headers.sendall(headers)
+        for s in (half_body, gone):
+            s.sendall(headers + b"Content-Length: 100\r\n\r\n{")
+        gone.close()
+        with httpx.stream("POST", server + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": MODEL, "prompt": "Tell", "max_tokens": 3000, "stream": True}) as r:
+            next(r.iter_lines())  # leaves mid-stream
+        for s in (half_headers, half_body):
+            s.settimeout(30)
+        assert half_headers.recv(1) == b""  # closed by the server, which answered nothing
+        reply = b""
+        while chunk := half_body.recv(4096):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in reply
+        deadline = time.time() + 30
+        while not _log_lines(caplog.records, "mid-stream") and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+        for s in (half_headers, half_body):
+            s.close()
+    for text in ["sent no complete request headers", "sent no complete request body",
+                 "disconnected before sending its whole request", "disconnected mid-stream"]:
+        assert len(_log_lines(caplog.records, text)) == 1, (text, [r.getMessage() for r in caplog.records])
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
 def test_cli_refuses_bad_flags(capsys):
     assert serve.main(["--port", "8000"]) == 2
     assert serve.main(["--model", "x", "--port", "70000"]) == 2
+    assert serve.main(["--model", "x", "--read-timeout", "nan"]) == 2
+    assert serve.main(["--model", "x", "--read-timeout", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[0].startswith("error: --model is required") and "--port" in err[1]
+    assert len(err) == 4 and err[0].startswith("error: --model is required") and "--port" in err[1]
+    assert all(line.startswith("error: --read-timeout must be a positive") for line in err[2:])
 
 
 class _CharTokenizer:
