@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "$OFFLOAD_RUNTIME_API_KEY if set, else no key)")
     g.add_argument("--model-name", help="the model id clients send and /v1/models lists (unset: --model)")
     g.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies are refused (413)")
+    g.add_argument("--context-ram-gb", type=float, default=0.0, metavar="GB",
+                   help="keep several documents' contexts in host memory, up to this many GB of full caches "
+                   "(0: one context; CPU only for now); with --kv-store the others come back from disk")
     g.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a request's headers, then its body, must arrive within this time (else the connection "
                    "is closed, or 408)")
@@ -51,6 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     if not (args.read_timeout > 0 and math.isfinite(args.read_timeout)):
         raise UserError(f"--read-timeout must be a positive number of seconds, got {args.read_timeout}")
+    if not (args.context_ram_gb >= 0 and math.isfinite(args.context_ram_gb)):
+        raise UserError(f"--context-ram-gb must be a number >= 0, got {args.context_ram_gb}")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key is empty")
     return args
@@ -61,13 +66,16 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     import transformers
 
     from .server_app import ServerConfig, create_app
-    from .server_engine import EngineWorker, new_session
+    from .server_engine import ContextPool, EngineWorker, new_session
 
     transformers.logging.set_verbosity_error()
     job = prepare(args, None, None, pick_device(args.device))  # planned as the chat plans a conversation
     target, draft = load_models(args, job.device)
-    worker = EngineWorker(new_session(args, job, target, draft), target.tokenizer, target.eos_ids, job.device,
-                          args.seed)
+    if args.context_ram_gb > 0 and job.device.type == "cuda":
+        raise UserError("--context-ram-gb keeps several contexts on CPU only for now (each would take GPU memory)")
+    first = new_session(args, job, target, draft)
+    contexts = ContextPool(first, lambda: new_session(args, job, target, draft), int(args.context_ram_gb * 2**30))
+    worker = EngineWorker(first, target.tokenizer, target.eos_ids, job.device, args.seed, contexts)
     config = ServerConfig(args.model_name or args.model, args, args.api_key, int(args.max_body_mb * (1 << 20)),
                           args.read_timeout)
     return create_app(worker, config), worker

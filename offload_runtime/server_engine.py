@@ -1,9 +1,10 @@
-"""The server's engine worker: one Session, one request at a time, the document's caches reused.
+"""The server's engine worker: one request at a time, the documents' caches reused.
 
 Requests run in arrival order on one worker thread, so the HTTP event loop never waits on the
-model. A request's token ids are compared with the session's context: the caches are cut back to
-the longest common prefix and only the rest is prefilled, so a follow-up question over a long
-document costs its own tokens. A client that goes away, or a stop string in the answer, ends the
+model. A request's token ids are compared with the contexts in RAM (ContextPool: one by default,
+several with --context-ram-gb): the one sharing most serves it, its caches are cut back to the
+longest common prefix and only the rest is prefilled (or restored from --kv-store), so a
+follow-up question over a long document costs its own tokens. A client that goes away, or a stop string in the answer, ends the
 generation from the token callback with a KeyboardInterrupt subclass: the path by which Ctrl-C
 leaves a Session consistent (the chat's).
 """
@@ -112,6 +113,41 @@ class AnswerText:
         return delta
 
 
+def context_bytes(session: Any) -> int:
+    """Bytes of a context's full cache as allocated (its rows, every layer)."""
+    from .caches.base import kv_row_bytes
+
+    cfg = session.target.cfg
+    return session.full.capacity * cfg.num_layers * kv_row_bytes(cfg, session.target.dtype)
+
+
+class ContextPool:
+    """The server's contexts in RAM, least recently used first. A request goes to the context that
+    shares most of its tokens (a follow-up question, another question over the same document); a
+    request for another document gets an empty context, a new one while they fit in `max_bytes`,
+    or else the least recently used one (with --kv-store its rows come back from disk later)."""
+
+    def __init__(self, first: Any, make: Callable[[], Any] | None = None, max_bytes: int = 0) -> None:
+        self.sessions, self.make, self.max_bytes = [first], make, max_bytes
+
+    def pick(self, ids: list[int]) -> Any:
+        shared = {id(s): common_prefix(s.context, ids) for s in self.sessions}
+        best = max(reversed(self.sessions), key=lambda s: shared[id(s)])  # ties: the most recent
+        empty = [s for s in self.sessions if not s.context]
+        if self.make is None or 2 * shared[id(best)] >= max(len(best.context), 1):
+            chosen = best  # it holds (most of) this request's prefix
+        elif empty:
+            chosen = empty[0]
+        elif sum(map(context_bytes, self.sessions)) + context_bytes(best) <= self.max_bytes:
+            chosen = self.make()
+        else:
+            chosen = self.sessions[0]
+        if chosen in self.sessions:
+            self.sessions.remove(chosen)
+        self.sessions.append(chosen)
+        return chosen
+
+
 def stats_since(session: Any, before: dict) -> dict:
     """The session's counters since `before` (for an answer the engine did not finish itself)."""
     return dict(session.stats.since(before).as_dict(), mode=session.mode)
@@ -120,14 +156,22 @@ def stats_since(session: Any, before: dict) -> dict:
 class EngineWorker:
     """Runs requests on one Session, first come first served, on a single worker thread."""
 
-    def __init__(self, session: Any, tokenizer: Any, eos_ids: list[int], device: Any, seed: int = 0) -> None:
-        self.session, self.tokenizer, self.eos_ids, self.device = session, tokenizer, eos_ids, device
+    def __init__(self, session: Any, tokenizer: Any, eos_ids: list[int], device: Any, seed: int = 0,
+                 contexts: ContextPool | None = None) -> None:
+        """session: the first context; contexts: a pool around it (default: that one context alone)."""
+        self.pool = contexts or ContextPool(session)
+        self.tokenizer, self.eos_ids, self.device = tokenizer, eos_ids, device
         self.generator = torch.Generator(device=device).manual_seed(seed)  # requests without a seed
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._arrivals, self._served = itertools.count(), itertools.count()
         self.counts = {"received": 0, "completed": 0, "cancelled": 0, "failed": 0}
         self.closing = False  # set by cancel_all: the server is shutting down
         self._live: list[tuple[Request, Future]] = []  # queued or running (changed on the event loop's thread only)
+
+    @property
+    def session(self) -> Any:
+        """The context used last (the only one by default)."""
+        return self.pool.sessions[-1]
 
     @property
     def max_context(self) -> int:
@@ -171,9 +215,8 @@ class EngineWorker:
         done.stats.update(arrival=request.arrival, served=served, queue_wait_s=waited)
         return done
 
-    def _reuse_prefix(self, ids: list[int]) -> int:
+    def _reuse_prefix(self, session: Any, ids: list[int]) -> int:
         """Cut the caches back to the longest common prefix with `ids`, prefill the rest; return the prefix."""
-        session = self.session
         common = common_prefix(session.context, ids)
         if common < len(session.context):
             session.truncate(common)
@@ -185,7 +228,7 @@ class EngineWorker:
         return common
 
     def _generate(self, request: Request) -> Completion:
-        session = self.session
+        session = self.pool.pick(request.prompt_ids)
         before = session.stats.snapshot()
         answer = AnswerText(self.tokenizer, request.stop)
 
@@ -206,7 +249,7 @@ class EngineWorker:
         session.progress = check  # a prefill is cancelled between its chunks
         common, stats = 0, None
         try:
-            common = self._reuse_prefix(request.prompt_ids)
+            common = self._reuse_prefix(session, request.prompt_ids)
             stats = session.generate(request.max_tokens, on_tokens).stats
             finish = "stop" if answer.ids and answer.ids[-1] in self.eos_ids else "length"
         except StopMatched:
@@ -220,6 +263,8 @@ class EngineWorker:
         if tail and request.on_text and finish != "cancelled":
             request.on_text(tail)
         stats.update(prefilled_tokens=session.stats.prefilled_tokens - before["prefilled_tokens"],
+                     restored_tokens=session.stats.restored_tokens - before["restored_tokens"],
                      prefills=session.stats.prefills - before["prefills"], reused_prefix_tokens=common,
+                     contexts=len(self.pool.sessions),
                      tokens_per_l3_pass=stats.get("mean_accepted_per_pass"))
         return Completion(answer.text, answer.ids, finish, len(request.prompt_ids), stats)
