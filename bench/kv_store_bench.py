@@ -96,6 +96,51 @@ def bench_document(model: Any, prompt: list[int], folder: Path, repeats: int) ->
             "store_read_gbps_disk": stored / disk_s / 1e9, "same_token": True}
 
 
+def server_run(extra: list[str], prompts: list[str]) -> dict:
+    """Each request (max_tokens 1) through the in-process server: seconds to its first token, tokens prefilled."""
+    import asyncio
+
+    import httpx
+
+    from offload_runtime import serve, trained
+
+    args = serve.parse_args(["--model", str(trained.TARGET), "--device", "cpu", "--mode", "autoregressive",
+                             "--model-name", "m", *extra])
+    app, worker = serve.build(args)
+
+    async def send() -> list[tuple[float, int, str]]:
+        out = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://b", timeout=300) as c:
+            for prompt in prompts:
+                t0 = time.perf_counter()
+                r = (await c.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 1})).json()
+                out.append((time.perf_counter() - t0, r["offload_runtime"]["prefilled_tokens"], r["choices"][0]["text"]))
+        return out
+
+    try:
+        got = asyncio.run(send())
+    finally:
+        worker.close()
+    return {"ttft_s": [g[0] for g in got], "prefilled": [g[1] for g in got], "texts": [g[2] for g in got]}
+
+
+def server_rows(base: Path, questions: int = 5) -> list[dict]:
+    """3 documents x `questions` questions, interleaved: a cold server, several contexts in RAM, the disk store."""
+    from offload_runtime import trained
+
+    sentences = [x.strip() + "." for x in trained.story_prompt().split(".") if x.strip()]
+    docs = [" ".join(sentences[k:] + sentences[:k])[:1300] for k in (0, 7, 15)]
+    asks = ["What did Lily see?", "Who came to the park?", "What happened at the end?", "Who is Max?", "Was it fun?"]
+    prompts = [f"{docs[d]}\n\nQuestion: {q}\nAnswer:" for q in asks[:questions] for d in range(3)]
+    runs = {"cold (one context)": [], "several contexts in RAM": ["--context-ram-gb", "1"],
+            "one context + disk store": ["--kv-store", str(base / "server_store")]}
+    out = [{"server": name, **server_run(extra, prompts)} for name, extra in runs.items()]
+    cold = out[0]["texts"]
+    for row in out:
+        row["same_tokens_as_cold"] = row.pop("texts") == cold
+    return out
+
+
 def synthetic_cases(args: argparse.Namespace) -> list[tuple[str, Any, list[int]]]:
     _, model = build_pair(SHAPES[args.shape], torch.device("cpu"), torch.float32)
     return [(f"{args.shape} @ {n}", model, make_prompt(n + QUESTION, model.cfg.vocab_size, None))
@@ -128,8 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: cold {row['cold_s']:.3f} s, disk {row['disk_s']:.3f} s ({row['disk_over_cold']:.3f}x), "
               f"RAM {row['ram_s']:.3f} s ({row['ram_over_cold']:.3f}x); {row['store_bytes'] / 1e6:.1f} MB read at "
               f"{row['store_read_gbps_disk']:.2f} GB/s (disk {disk:.2f})", file=sys.stderr)
+    servers = server_rows(base)
+    for row in servers:
+        later = row["ttft_s"][3:]
+        print(f"server, {row['server']}: {sum(row['prefilled'])} tokens prefilled over {len(row['prefilled'])} "
+              f"requests, first token after a document's first question: median {statistics.median(later):.3f} s",
+              file=sys.stderr)
     result = {"benchmark": "kv_store_bench", "machine": machine_info(torch.device("cpu")),
-              "disk_read_gbps": disk, "rows": rows}
+              "disk_read_gbps": disk, "rows": rows, "server": servers}
     path = write_json(args.out, "kv_store_bench", result, args.tag)
     print("| document | tokens | restored | cold s | disk s | RAM s | disk/cold | store GB/s (disk) |")
     print("|---|---|---|---|---|---|---|---|")
