@@ -7,6 +7,7 @@ prefilled once. Ctrl-C during an answer stops that answer and keeps the session.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -291,7 +292,19 @@ def run_chat(chat: ChatSession, json_output: bool, first: str | None = None, std
 
 
 def _command(chat: ChatSession, line: str, stdout: TextIO) -> str | None:
+    """Run one in-chat command. Whatever it raises (a path the OS rejects, a full disk, Ctrl-C during
+    a slow write) is one line on stderr: the conversation is never lost to a command."""
     name, _, arg = line.partition(" ")
+    try:
+        return _run_command(chat, name, arg.strip(), stdout)
+    except KeyboardInterrupt:
+        print(f"\n[{name} interrupted]", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - reported, the chat goes on
+        print(f"{name} failed: {_reason(exc)}", file=sys.stderr)
+    return None
+
+
+def _run_command(chat: ChatSession, name: str, arg: str, stdout: TextIO) -> str | None:
     if name == "/exit":
         return "exit"
     if name == "/reset":
@@ -300,17 +313,26 @@ def _command(chat: ChatSession, line: str, stdout: TextIO) -> str | None:
     elif name == "/stats":
         print(json.dumps(chat.stats()), file=stdout, flush=True)
     elif name in ("/save", "/save!"):
-        if not arg.strip():
+        if not arg:
             print(f"usage: {name} FILE", file=sys.stderr)
             return None
         try:
-            save_json(chat.transcript(), arg.strip(), overwrite=name == "/save!")
-            print(f"[saved {len(chat.turns)} turns to {arg.strip()}]", file=sys.stderr)
-        except (OSError, UserError) as exc:
-            print(f"cannot save: {exc}", file=sys.stderr)
+            save_json(chat.transcript(), arg, overwrite=name == "/save!")
+            print(f"[saved {len(chat.turns)} turns to {arg}]", file=sys.stderr)
+        except (OSError, ValueError, RuntimeError, UserError) as exc:  # ValueError: a NUL byte; RuntimeError: ~nobody
+            print(f"cannot save: {_reason(exc)}", file=sys.stderr)
     else:
         print(f"unknown command {name}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return None
+
+
+def _reason(exc: BaseException) -> str:
+    """One printable line for an exception: an OSError's reason and file, else its message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def save_json(data: dict, name: str, overwrite: bool = False) -> Path:
@@ -330,6 +352,7 @@ def save_json(data: dict, name: str, overwrite: bool = False) -> Path:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain write would have given
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):  # (the original error is the one to report)
+            os.unlink(tmp)
         raise
     return path

@@ -34,14 +34,28 @@ def demo_settings(args: argparse.Namespace, n_prompt: int) -> EngineSettings:
                           sinks=args.sinks, window=min(args.window, 64 + args.sinks))
 
 
+def demo_on_chip_layers(args: argparse.Namespace) -> int:
+    """The offloaded mode's on-chip layers: none over the emulated link with --emulate-link, else one."""
+    default = 0 if args.emulate_link is not None else 1
+    return default if args.on_chip_layers == "auto" else int(args.on_chip_layers)
+
+
+def check_demo_link(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, capacity: int) -> None:
+    """--emulate-link's refusals (and its warning for a slow pass) before any mode runs."""
+    from .run import check_emulated_link, check_link_time
+
+    check_emulated_link(args, device)
+    on_chip = min(demo_on_chip_layers(args), model.cfg.num_layers)
+    check_link_time(args.emulate_link, OffloadedCache.planned_bytes(model.cfg, model.dtype, capacity, on_chip)[2])
+
+
 def offloaded_cache(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
                     capacity: int) -> OffloadedCache:
     """Full cache in host memory: all layers over the emulated link with --emulate-link, else all but one."""
     from .run import check_emulated_link
 
     check_emulated_link(args, device)
-    default = 0 if args.emulate_link is not None else 1
-    on_chip = default if args.on_chip_layers == "auto" else int(args.on_chip_layers)
+    on_chip = demo_on_chip_layers(args)
     return OffloadedCache(model.cfg, device, model.dtype, capacity, on_chip,
                           backend=make_backend(device, link_gbps=args.emulate_link), link_gbps=args.emulate_link)
 
@@ -82,6 +96,7 @@ def run_demo(args: argparse.Namespace) -> int:
         raise UserError(f"the demo story of {len(ids)} tokens leaves no room in the model's "
                         f"{target.model.cfg.max_position_embeddings}-token context")
     n_new = min(args.max_new_tokens, room)
+    check_demo_link(args, target.model, device, len(ids) + n_new + settings.max_gamma + 1)
     with trained.one_thread():
         runs = run_modes(args, target, draft, ids, n_new, settings, device)
     base = runs[0][1].token_ids

@@ -265,18 +265,20 @@ class CausalLM(nn.Module):
         layers = self.model.layers
         bar = tqdm(total=len(layers) * n, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr,
                    disable=not (n >= PROGRESS_MIN_TOKENS if progress is None else progress), leave=False)
-        for i, layer in enumerate(layers):
-            k_buf, v_buf = cache.open_layer(i, n)
-            writer = LayerWriter(k_buf, v_buf, start, self.cfg.sliding_windows[i])
-            bar.set_postfix_str(f"layer {i + 1}/{len(layers)}", refresh=False)
-            for a in range(0, n, chunk_tokens):
-                b = min(n, a + chunk_tokens)
-                x[a:b] = layer(x[a:b], cos[a:b], sin[a:b], writer)
-                bar.update(b - a)
-            cache.recent_queries[i] = writer.recent
-            if on_layer is not None:
-                on_layer(i, k_buf[:, :end], v_buf[:, :end], writer.recent[:, -1])
-            cache.close_layer(i, start, end)
-        bar.close()
+        try:  # (an interrupted prefill clears its bar before the run says `interrupted`)
+            for i, layer in enumerate(layers):
+                k_buf, v_buf = cache.open_layer(i, n)
+                writer = LayerWriter(k_buf, v_buf, start, self.cfg.sliding_windows[i])
+                bar.set_postfix_str(f"layer {i + 1}/{len(layers)}", refresh=False)
+                for a in range(0, n, chunk_tokens):
+                    b = min(n, a + chunk_tokens)
+                    x[a:b] = layer(x[a:b], cos[a:b], sin[a:b], writer)
+                    bar.update(b - a)
+                cache.recent_queries[i] = writer.recent
+                if on_layer is not None:
+                    on_layer(i, k_buf[:, :end], v_buf[:, :end], writer.recent[:, -1])
+                cache.close_layer(i, start, end)
+        finally:
+            bar.close()
         cache.advance(n)
         return self._head(x[-1:])

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -167,16 +168,43 @@ def pick_device(name: str) -> Any:
 
 
 def check_emulated_link(args: argparse.Namespace, device: Any) -> None:
-    """--emulate-link: a positive GB/s, on the CPU, with the cache offloaded."""
+    """--emulate-link: a positive, finite GB/s, on the CPU, with the cache offloaded."""
     gbps = getattr(args, "emulate_link", None)
     if gbps is None:
         return
-    if not gbps > 0:
-        raise UserError(f"--emulate-link must be a positive GB/s, got {gbps:g}")
+    if not (gbps > 0 and math.isfinite(gbps)):
+        raise UserError(f"--emulate-link must be a positive GB/s, a finite number: got {gbps:g}")
     if device.type != "cpu":
         raise UserError("--emulate-link emulates a GPU's link on the CPU: use it with --device cpu")
     if args.offload == "off":
         raise UserError("--emulate-link streams the cache over the emulated link: it cannot be used with --offload off")
+
+
+LINK_WARN_S = 10.0  # one pass over the emulated link longer than this: a warning with the time it takes
+LINK_REFUSE_S = 3600.0  # longer than this: refused (every generated token needs about one pass)
+
+
+def check_link_time(gbps: float | None, pass_bytes: int) -> None:
+    """Refuse an --emulate-link so slow that one pass over the offloaded cache (`pass_bytes`, what every
+    L3 pass copies at the planned context) takes over an hour; warn, with the time, above 10 s."""
+    if gbps is None or pass_bytes <= 0:
+        return
+    seconds = pass_bytes / (gbps * 1e9)
+    what = f"--emulate-link {gbps:g}: one pass over the offloaded cache ({pass_bytes / 1e6:.3g} MB) takes " \
+           f"{duration(seconds)}"
+    if seconds > LINK_REFUSE_S:
+        raise UserError(f"{what}; the slowest link accepted for this run is {pass_bytes / LINK_REFUSE_S / 1e9:.2g} "
+                        "GB/s (one pass an hour)")
+    if seconds > LINK_WARN_S:
+        print(f"warning: {what} (every generated token needs about one); Ctrl-C stops the run", file=sys.stderr)
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '9.2 minutes', '6.4 days'."""
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.2g} {unit}"
+    return f"{seconds:.2g} s"
 
 
 def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_prompt: int, tp: int = 1) -> tuple[Any, bool]:
@@ -200,9 +228,12 @@ def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_promp
         raise UserError(f"context of {needed} tokens (prompt {n_prompt} + {args.max_new_tokens} new"
                         f"{f' + {slots} verification slots' if slots else ''}) is longer than --max-context {context}")
     on_chip = None if args.on_chip_layers == "auto" else int(args.on_chip_layers)
+    if emulated is not None and on_chip is None:
+        on_chip = 0  # the emulated link carries the whole cache unless --on-chip-layers says otherwise
     plan = plan_memory(cfg, dtype, context, probe_resources(device), new_tokens=args.max_new_tokens + slots,
                        budget=args.budget, draft_cfg=draft_cfg, draft_window=args.window, tp=tp,
                        on_chip_layers=on_chip, offload=args.offload)
+    check_link_time(emulated, plan.pinned_host)
     return plan, bool(plan.offload or args.offload == "on" or on_chip is not None or emulated is not None)
 
 
@@ -212,13 +243,13 @@ CHAT_HEADROOM = 16384  # tokens planned for a chat's turns beyond the document (
 @dataclass
 class Job:
     """What is known before any weight is loaded: the device, the request's tokens and the memory plan;
-    then the L3 cache the plan asks for (build_cache; None: the growing on-device FullCache)."""
+    then the L3 cache the plan asks for (build_cache; None: the growing on-device FullCache). The plan
+    is the one source of truth for where layers live: the cache is built with its on-chip layers."""
     device: Any
     prompt_ids: list[int] | None
     plan: Any
     offload: bool  # the L3 cache is an OffloadedCache of plan.context tokens
     emulate_link: float | None = None  # GB/s of an EMULATED link (CPU): the whole cache crosses it by default
-    on_chip_layers: int | None = None  # --on-chip-layers when given
     cache: Any = None
 
     def build_cache(self, model: Any) -> Any:
@@ -228,11 +259,17 @@ class Job:
             from .cuda_streams import link_bandwidth, make_backend
 
             emulated = self.emulate_link
-            layers = (self.on_chip_layers or 0) if emulated is not None else self.plan.on_chip_layers
-            self.cache = OffloadedCache(model.cfg, self.device, model.dtype, self.plan.context, layers,
-                                        backend=make_backend(self.device, link_gbps=emulated),
+            self.cache = OffloadedCache(model.cfg, self.device, model.dtype, self.plan.context,
+                                        self.plan.on_chip_layers, backend=make_backend(self.device, link_gbps=emulated),
                                         link_gbps=emulated or link_bandwidth(self.device))
         return self.cache
+
+    def close(self) -> None:
+        """Stop the cache's copy engine (an emulated link's thread) now, in order, before the interpreter
+        exits: copies not yet run are dropped (the run is over)."""
+        close = getattr(getattr(self.cache, "backend", None), "close", None)
+        if close is not None:
+            close(cancel=True)
 
 
 def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, device: Any, tp: int = 1) -> Job:
@@ -264,8 +301,7 @@ def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, 
                             f"of {limit} tokens")
         planned = max(n_doc, min(room, n_doc + CHAT_HEADROOM))
     plan, offload = plan_run(args, device, path, hf, planned, tp)
-    on_chip = None if args.on_chip_layers == "auto" else int(args.on_chip_layers)
-    return Job(device, prompt_ids, plan, offload, getattr(args, "emulate_link", None), on_chip)
+    return Job(device, prompt_ids, plan, offload, getattr(args, "emulate_link", None))
 
 
 def load_models(args: argparse.Namespace, device: Any, transform: Any = None) -> tuple[Any, Any]:
@@ -341,8 +377,6 @@ def chat(args: argparse.Namespace, job: Job, document: str | None, first: str | 
     from .chat import ChatSession, run_chat
     from .console import PrefillProgress
 
-    # Ctrl-C must reach us as KeyboardInterrupt even when started with SIGINT ignored (e.g. a background job)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     session = make_session(args, job, target, draft)
     progress = PrefillProgress()
     try:
@@ -361,26 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_parallel(argv)
     if sys.stdout is None:  # started with stdout closed (`>&-`): run, and write the output nowhere
         sys.stdout = open(os.devnull, "w")
+    catch_ctrl_c()
+    jobs: list[Job] = []
     try:
-        args = build_parser().parse_args(argv)
-        validate(args)
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        if args.model is None:
-            from .demo import run_demo
-
-            return run_demo(args)
-        # file errors and the memory plan before the slow model load
-        prompt = None if args.chat else prompt_text(args)
-        document = read_text(args.context_file, "context file") if args.chat and args.context_file else None
-        first = first_chat_message(args) if args.chat else None
-        job = prepare(args, prompt, document, pick_device(args.device))
-        target, draft = load_models(args, job.device)
-        if args.chat:
-            return chat(args, job, document, first, target, draft)
-        print_result(generate_once(args, job, target, draft), args)
-        return 0
+        return _run(argv, jobs)
     except UserError as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
@@ -389,6 +407,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `... | head`: the reader left; stop quietly, as Unix tools do
         return quiet_broken_pipe()
+    finally:
+        for job in jobs:  # the copy engine stops here, in order, not while the interpreter tears down
+            job.close()
+
+
+def _run(argv: Sequence[str] | None, jobs: list) -> int:
+    """Parse, check, plan, load and generate (or chat); the Job made is appended to `jobs` for main to close."""
+    args = build_parser().parse_args(argv)
+    validate(args)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if args.model is None:
+        from .demo import run_demo
+
+        return run_demo(args)
+    # file errors and the memory plan before the slow model load
+    prompt = None if args.chat else prompt_text(args)
+    document = read_text(args.context_file, "context file") if args.chat and args.context_file else None
+    first = first_chat_message(args) if args.chat else None
+    job = prepare(args, prompt, document, pick_device(args.device))
+    jobs.append(job)
+    target, draft = load_models(args, job.device)
+    if args.chat:
+        return chat(args, job, document, first, target, draft)
+    print_result(generate_once(args, job, target, draft), args)
+    return 0
+
+
+def catch_ctrl_c() -> None:
+    """Ctrl-C must reach us as KeyboardInterrupt (exit 130) even when started with SIGINT ignored (a
+    background job of a script, some process managers): the run is stopped by it wherever it waits."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def quiet_broken_pipe() -> int:

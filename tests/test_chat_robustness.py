@@ -142,3 +142,61 @@ def test_chat_limit_is_enforced_and_named(checkpoint, monkeypatch, capsys, flags
     captured = capsys.readouterr()
     assert "turn refused: this turn needs" in captured.err and source in captured.err
     assert [t["user"] for t in answers(captured.out)] == ["What?"]
+
+
+def test_save_to_paths_the_os_rejects_is_one_message_and_the_chat_goes_on(target, tmp_path, monkeypatch, capsys):
+    """Issue 25: every /save failure (a directory, a path under a file, a name too long, a NUL byte, an
+    unknown ~user, permission, a full disk) is one line; the conversation survives and saves later."""
+    import errno
+
+    from offload_runtime import chat as chat_module
+
+    (tmp_path / "file").write_text("x")
+    rejected = [str(tmp_path), str(tmp_path / "file" / "t.json"), str(tmp_path / ("n" * 300)),
+                str(tmp_path / "nul\x00.json"), "~no_such_user_zz/t.json", str(tmp_path / "missing" / "t.json")]
+    script = "What?\n" + "".join(f"/save! {p}\n" for p in rejected) + \
+        f"/save! {tmp_path / 'DENIED'}\n/save! {tmp_path / 'FULL'}\nAgain?\n/save {tmp_path / 'ok.json'}\n"
+    real_mkstemp, real_dump = chat_module.tempfile.mkstemp, chat_module.json.dump
+    made: list[str] = []
+
+    def mkstemp(*args, **kwargs):  # simulated: root may write anywhere, and no disk here is full
+        if kwargs.get("prefix") == ".DENIED.":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "DENIED"))
+        made.append(kwargs.get("prefix"))
+        return real_mkstemp(*args, **kwargs)
+
+    def dump(data, f, **kwargs):
+        if made[-1] == ".FULL.":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_dump(data, f, **kwargs)
+
+    monkeypatch.setattr(chat_module.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(chat_module.json, "dump", dump)
+    chat = new_chat(target)
+    out = io.StringIO()
+    assert run_chat(chat, True, stdin=io.StringIO(script), stdout=out) == 0
+    err = capsys.readouterr().err
+    failures = [line for line in err.splitlines() if line.startswith("cannot save: ")]
+    assert len(failures) == len(rejected) + 2, err  # one line each, no traceback, nothing else went wrong
+    assert "Traceback" not in err and "is a directory" in failures[0] and "Not a directory" in failures[1]
+    assert "File name too long" in failures[2] and "null byte" in failures[3]
+    assert "Permission denied" in failures[-2] and "No space left on device" in failures[-1]
+    assert [t["user"] for t in answers(out.getvalue())] == ["What?", "Again?"]  # the chat went on
+    saved = json.loads((tmp_path / "ok.json").read_text())
+    assert [t["user"] for t in saved["turns"]] == ["What?", "Again?"]  # nothing of the conversation was lost
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ok.json"]  # no temporary file left behind
+
+
+def test_any_command_failure_is_one_line(target, monkeypatch, capsys):
+    """A command that raises something unforeseen (here /stats) reports it; the chat goes on."""
+    chat = new_chat(target)
+
+    def broken():
+        raise RuntimeError("stats exploded\nsecond line")
+
+    monkeypatch.setattr(chat, "stats", broken)
+    out = io.StringIO()
+    assert run_chat(chat, True, stdin=io.StringIO("/stats\nWhat?\n"), stdout=out) == 0
+    err = capsys.readouterr().err
+    assert "/stats failed: stats exploded\n" in err and "second line" not in err and "Traceback" not in err
+    assert [t["user"] for t in answers(out.getvalue())] == ["What?"]
