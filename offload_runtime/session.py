@@ -60,13 +60,8 @@ class Session:
         """Every token of the conversation (read-only: change it with extend and truncate)."""
         return self.caches.tokens
 
-    @property
-    def full(self) -> FullKVCache:
-        return self.caches.full
-
-    @property
-    def retrieval(self) -> RetrievalCache | None:
-        return self.caches.retrieval
+    full: FullKVCache = property(lambda self: self.caches.full)  # type: ignore[assignment]  (L3)
+    retrieval: RetrievalCache | None = property(lambda self: self.caches.retrieval)  # type: ignore[assignment]  (L2)
 
     @property
     def progress(self) -> ProgressCallback | None:
@@ -135,6 +130,8 @@ class Session:
         out: list[int] = []
         try:
             self._catch_up()  # the newest context token's logits, L2 in step
+            if self.l1 is not None:  # the draft's window from the context alone: a seed gives one answer
+                self.l1.reset(self.context)
             t1 = time.perf_counter()
             self._emit([self.sampler.next_token(self.caches.logits)], out, on_tokens, max_new_tokens)
             while out[-1] not in self.eos_ids and len(out) < max_new_tokens:
