@@ -16,10 +16,6 @@ from offload_runtime.errors import UserError
 from offload_runtime.run import check_emulated_link
 
 
-def engine_threads() -> int:
-    return sum(t.name == "emulated-copy-engine" for t in threading.enumerate())
-
-
 def test_copies_take_bytes_over_link_and_run_in_order():
     backend = EmulatedLinkBackend("cpu", link_gbps=0.1, piece_bytes=4096)
     src = torch.arange(50_000, dtype=torch.float32)  # 200 KB: at least 2 ms at 0.1 GB/s
