@@ -308,7 +308,8 @@ def acceptance_estimate(outcomes: list, forget: float = 0.95) -> float:
     (sum_i f^(n-1-i) a_i + 1) / (sum_i f^(n-1-i) t_i + 2), t_i = a_i + 1 when a rejection ended chain i."""
     rounds = [(o.accepted, o.accepted + int(o.accepted < o.proposed)) for o in outcomes if o.proposed]
     weights = [forget ** (len(rounds) - 1 - i) for i in range(len(rounds))]
-    return (sum(w * a for w, (a, _) in zip(weights, rounds)) + 1) / (sum(w * t for w, (_, t) in zip(weights, rounds)) + 2)
+    successes = sum(w * a for w, (a, _) in zip(weights, rounds))
+    return (successes + 1) / (sum(w * t for w, (_, t) in zip(weights, rounds)) + 2)
 
 
 def controller_run(target, draft, prompt_ids, monkeypatch) -> tuple:

@@ -122,14 +122,16 @@ def test_emulated_link_overlaps_and_keeps_tokens(checkpoint, prompt_ids, monkeyp
     monkeypatch.setattr(PipelinedSpeculator, "round", armed)
     for n_new, eos in ((30, []), (30, [ar[11]]), (9, [])):
         link.append(GatedLink(link_gbps=0.02))
-        cache = OffloadedCache(target.cfg, "cpu", torch.float32, 400, 0, backend=link[-1])
-        got = generate_triforce(target, None, prompt_ids, n_new, GREEDY, eos, pipelined(SETTINGS[2]), cache=cache)
+        try:  # (closed even on a failure: a copy-engine thread alive at exit can abort the interpreter)
+            cache = OffloadedCache(target.cfg, "cpu", torch.float32, 400, 0, backend=link[-1])
+            got = generate_triforce(target, None, prompt_ids, n_new, GREEDY, eos, pipelined(SETTINGS[2]), cache=cache)
+        finally:
+            link[-1].close()
         want = ar[:n_new] if not eos else ar[: ar.index(eos[0]) + 1]
         assert got.token_ids == want
         stats = got.stats  # a step in every pass, timed while its copy-in was held: hidden drafting
         assert stats["draft_steps_overlapped"] >= stats["l3_passes"] >= 1
         assert 0 < stats["time_overlapped_s"] <= stats["time_l2_s"]
-        link[-1].close()
 
 
 def test_predraft_time_is_drafting_and_only_its_unhidden_steps_leave_the_pass(monkeypatch):
