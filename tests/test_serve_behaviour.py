@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import httpx
@@ -509,7 +510,11 @@ def test_main_hands_the_flags_to_the_server_and_warns_without_a_key_beyond_loopb
         return "app", Worker()
 
     monkeypatch.setattr(serve, "build", build)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.append((app, kw["host"], kw["port"])))
+    if hasattr(serve, "make_server"):  # the server's own uvicorn.Server (issue 25's shutdown handling)
+        monkeypatch.setattr(serve, "make_server", lambda app, worker, host, port, *a, **k: SimpleNamespace(
+            run=lambda: seen.append((app, host, port))))
+    else:
+        monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.append((app, kw["host"], kw["port"])))
     monkeypatch.delenv("OFFLOAD_RUNTIME_API_KEY", raising=False)
     assert serve.main(["--model", str(models[0]), "--host", "0.0.0.0", "--port", "0", "--max-body-mb", "2.5"]) == 0
     assert "warning: listening on 0.0.0.0 without --api-key" in capsys.readouterr().err
