@@ -55,7 +55,11 @@ def test_retrieval_selection_keeps_sinks_best_chunks_and_tail(checkpoint):
     # generated rows land after the selection, truncation is a length
     out = ret.attend(0, torch.zeros(cfg.num_heads, 2, cfg.head_dim), torch.ones(2, 2, cfg.head_dim),
                      torch.full((2, 2, cfg.head_dim), 100.0))
-    assert out.shape == (cfg.num_heads, 2, cfg.head_dim)
+    # zero queries weigh every visible key alike: each output row is the mean of the V rows it may see,
+    # here the 13 selected rows (V = their position) and, causally, the new rows (V = 100) up to its own
+    for heads, rows in ((slice(0, 2), rows0), (slice(2, 4), rows1)):  # query heads 0-1 read KV head 0
+        want = torch.tensor([(sum(rows) + 100) / 14, (sum(rows) + 200) / 15])[:, None].expand(2, cfg.head_dim)
+        assert torch.allclose(out[heads], want.expand(2, 2, cfg.head_dim), atol=1e-4), out[heads, :, 0]
     ret.advance(2)
     assert ret.length == n + 2 and ret.pos[:, :, 13:15].tolist() == [[[45, 46], [45, 46]]] * cfg.num_layers
     ret.truncate(n + 1)

@@ -46,7 +46,7 @@ def test_cuda_pipeline_runs_the_cpu_schedule():
     assert (a.h2d_bytes, a.d2h_bytes, a.h2d_copies) == (b.h2d_bytes, b.d2h_bytes, b.h2d_copies)
     for i in range(5):
         assert torch.equal(pipes[1].host_rows(i, 0, 1007), pipes[0].host_rows(i, 0, 1007))
-    assert b.h2d_s > 0 and b.h2d_gbps > 0.5
+    assert b.h2d_s > 0  # the copies are timed; how fast they go is measured by bench/offload_check.py (no claim here)
 
 
 def test_no_device_synchronize_in_the_hot_loop(monkeypatch):

@@ -206,10 +206,18 @@ def test_cli_triforce_json_stats(checkpoint, capsys, tokenizer):
     ar = json.loads(capsys.readouterr().out)
     assert tri["token_ids"] == ar["token_ids"] and tri["text"] == ar["text"]
     stats = tri["stats"]
-    assert stats["levels"] == 3 and stats["l3_passes"] >= 1
-    for key in ("mean_accepted_per_pass", "l2_acceptance_of_l1", "l3_acceptance_of_l2", "time_l1_s", "time_l2_s",
-                "time_l3_s", "prefill_s", "decode_tokens_per_s"):
-        assert stats[key] is not None, key
+    n, passes = len(tri["token_ids"]), stats["l3_passes"]
+    assert n == 24 and stats["levels"] == 3 and passes >= 1
+    # values, not presence: the first token comes from the prefill, each other from an L3 pass, which emits
+    # its accepted proposals and one token of its own; what the passes proposed is the controller's histogram
+    proposed = sum(int(g) * k for g, k in stats["adaptive"]["gamma_histogram"].items())
+    assert stats["mean_accepted_per_pass"] == pytest.approx((n - 1) / passes)
+    assert stats["l3_acceptance_of_l2"] == pytest.approx((n - 1 - passes) / proposed)
+    # (random weights and a draft window below the prompt: L2 may accept no L1 token here; its value is checked
+    # where it is known, test_target_as_own_draft_short_prompt_accepts_all)
+    assert stats["l1_forwards"] > 0 and 0 <= stats["l2_acceptance_of_l1"] <= 1
+    assert stats["time_l2_s"] >= stats["time_l1_s"] > 0 and stats["time_l3_s"] > 0 and stats["prefill_s"] > 0
+    assert stats["decode_tokens_per_s"] == pytest.approx(n / stats["decode_s"], rel=1e-3)
     rounds = stats["adaptive"]["rounds"]  # --gamma 4: never an autoregressive step; the draft gamma is chosen
     assert set(rounds) <= {"speculative", "probe"} and sum(rounds.values()) == stats["l3_passes"]
     assert main(args[:-2] + ["--draft", path, "--gamma", "auto", "--draft-gamma", "auto"]) == 0
@@ -295,13 +303,44 @@ def test_gamma_is_bounded_by_the_kept_query_rows():
         EngineSettings(gamma=64)
 
 
-def test_controller_is_on_by_default_and_reports(checkpoint, prompt_ids, draft_model):
+def acceptance_estimate(outcomes: list, forget: float = 0.95) -> float:
+    """The controller's Beta(1, 1) acceptance estimate written out over the n rounds that proposed:
+    (sum_i f^(n-1-i) a_i + 1) / (sum_i f^(n-1-i) t_i + 2), t_i = a_i + 1 when a rejection ended chain i."""
+    rounds = [(o.accepted, o.accepted + int(o.accepted < o.proposed)) for o in outcomes if o.proposed]
+    weights = [forget ** (len(rounds) - 1 - i) for i in range(len(rounds))]
+    successes = sum(w * a for w, (a, _) in zip(weights, rounds))
+    return (successes + 1) / (sum(w * t for w, (_, t) in zip(weights, rounds)) + 2)
+
+
+def controller_run(target, draft, prompt_ids, monkeypatch) -> tuple:
+    """A generation with the default controller: (result, the round outcomes the session reported to it)."""
+    from offload_runtime.adaptive import AdaptiveSpeculation
+
+    outcomes, observe = [], AdaptiveSpeculation.observe
+    monkeypatch.setattr(AdaptiveSpeculation, "observe", lambda self, o: (outcomes.append(o), observe(self, o))[1])
+    got = generate_triforce(target, draft, prompt_ids, 30, GREEDY, [], EngineSettings(budget=48, sinks=4, window=40))
+    return got, outcomes
+
+
+def test_controller_is_on_by_default_and_reports(checkpoint, prompt_ids, draft_model, monkeypatch):
     target = load(checkpoint("llama"))
     assert EngineSettings().gamma is None and EngineSettings().draft_gamma is None
-    got = generate_triforce(target, draft_model, prompt_ids, 30, GREEDY, [], EngineSettings(budget=48, sinks=4,
-                                                                                              window=40))
+    got, outcomes = controller_run(target, draft_model, prompt_ids, monkeypatch)
     assert got.token_ids == generate_autoregressive(target, prompt_ids, 30, GREEDY, []).token_ids
     report = got.stats["adaptive"]
-    assert sum(report["rounds"].values()) == sum(report["gamma_histogram"].values()) >= 1
+    assert sum(report["rounds"].values()) == sum(report["gamma_histogram"].values()) == len(outcomes) >= 1
     assert report["rounds"]["autoregressive"] >= 1  # the warm-up step measures the baseline
-    assert 0 <= report["estimates"]["l3_acceptance_of_l2"] <= 1
+    # the outcomes are the engine's rounds, and the reported estimate is computed from them
+    assert sum(o.accepted for o in outcomes) / sum(o.proposed for o in outcomes) == got.stats["l3_acceptance_of_l2"]
+    assert report["estimates"]["l3_acceptance_of_l2"] == pytest.approx(acceptance_estimate(outcomes), rel=1e-9)
+
+
+def test_estimate_check_catches_an_estimate_that_never_learns(checkpoint, prompt_ids, draft_model, monkeypatch):
+    """Sabotage: acceptance never observed (the estimate stays at its prior, 0.5). The old check, an
+    estimate in [0, 1], passed; the estimate written out over the rounds does not."""
+    from offload_runtime.adaptive import Acceptance
+
+    monkeypatch.setattr(Acceptance, "observe", lambda self, accepted, rejections: None)
+    got, outcomes = controller_run(load(checkpoint("llama")), draft_model, prompt_ids, monkeypatch)
+    reported = got.stats["adaptive"]["estimates"]["l3_acceptance_of_l2"]
+    assert 0 <= reported <= 1 and reported != pytest.approx(acceptance_estimate(outcomes), rel=1e-9)
