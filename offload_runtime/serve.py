@@ -71,8 +71,9 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     transformers.logging.set_verbosity_error()
     job = prepare(args, None, None, pick_device(args.device))  # planned as the chat plans a conversation
     target, draft = load_models(args, job.device)
-    if args.context_ram_gb > 0 and job.device.type == "cuda":
-        raise UserError("--context-ram-gb keeps several contexts on CPU only for now (each would take GPU memory)")
+    if args.context_ram_gb > 0 and (job.device.type == "cuda" or job.offload):
+        raise UserError("--context-ram-gb keeps several contexts on CPU only, without a host-resident cache "
+                        "(--offload on, --emulate-link), for now")
     first = new_session(args, job, target, draft)
     contexts = ContextPool(first, lambda: new_session(args, job, target, draft), int(args.context_ram_gb * 2**30))
     worker = EngineWorker(first, target.tokenizer, target.eos_ids, job.device, args.seed, contexts)

@@ -195,8 +195,13 @@ class EngineWorker:
                 request.on_shutdown()
 
     def close(self) -> None:
+        """Cancel everything, then stop each context's copy engine (an emulated link's thread) in order."""
         self.cancel_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for session in self.pool.sessions:
+            close = getattr(getattr(session.full, "backend", None), "close", None)
+            if close is not None:
+                close(cancel=True)
 
     def _run(self, request: Request) -> Completion:
         served, waited = next(self._served), time.perf_counter() - request.received

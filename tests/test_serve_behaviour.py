@@ -174,11 +174,8 @@ def test_seeded_sampling_is_reproducible_and_equals_the_cli(server, models, refe
     assert cli_text(models, tmp_path, rendered, 12, ["--temperature", "1", "--top-p", "0.9", "--seed", "7"]) == first
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug (issue 27 report): after a request that shares the prompt, "
-                   "Session.truncate re-prefills the draft (DraftLevel.reset) from context[:-1], a fresh session "
-                   "from the whole prompt at its first proposal; the StreamingLLM windows differ by a row, so "
-                   "the draft's q and the seeded draws differ (lossless, not reproducible)")
 def test_a_seeded_answer_does_not_depend_on_the_previous_request(server):
+    """(Was a strict xfail: the draft's window depended on how earlier requests had fed it.)"""
     api = client(server.base)
     start_over(api)
     first = ask(api, 7)
