@@ -44,11 +44,12 @@ def attention_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     if past == 0:
         return own[0]
     early, early_lse = _FLASH(q.reshape(1, hkv, g * t, d), k[None, :, :past], v[None, :, :past], 0.0, False)
-    early, early_lse = early.reshape(hq, t, d), early_lse.reshape(hq, t, 1).float()
-    own_lse = own_lse[0, :, :, None].float()
+    acc = torch.promote_types(q.dtype, torch.float32)  # the merge in fp32 at least (fp64 stays fp64)
+    early, early_lse = early.reshape(hq, t, d), early_lse.reshape(hq, t, 1).to(acc)
+    own_lse = own_lse[0, :, :, None].to(acc)
     top = torch.maximum(early_lse, own_lse)
     w_early, w_own = torch.exp(early_lse - top), torch.exp(own_lse - top)
-    return ((early.float() * w_early + own[0].float() * w_own) / (w_early + w_own)).to(q.dtype)
+    return ((early.to(acc) * w_early + own[0].to(acc) * w_own) / (w_early + w_own)).to(q.dtype)
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
