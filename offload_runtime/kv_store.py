@@ -170,14 +170,15 @@ class KVStore:
                 raise BadBlock(f"{path.name}: unreadable header ({exc})") from None
             self._check(h, prev, tokens, path.name)
             size = h.layer_bytes()
+            raw = torch.empty(h.layers, size, dtype=torch.uint8)  # read straight into tensor memory
             out = []
             for layer in range(h.layers):
-                data = f.read(size)
-                if len(data) < size:
+                data = raw[layer].numpy()
+                if f.readinto(data) < size:
                     raise BadBlock(f"{path.name}: truncated at layer {layer}")
                 if zlib.crc32(data) != h.crc[layer]:
                     raise BadBlock(f"{path.name}: checksum mismatch in layer {layer}")
-                kv = torch.frombuffer(bytearray(data), dtype=self.dtype).view(2, h.kv_heads, BLOCK, h.head_dim)
+                kv = raw[layer].view(self.dtype).view(2, h.kv_heads, BLOCK, h.head_dim)
                 out.append((kv[0], kv[1]))
             if f.read(1):
                 raise BadBlock(f"{path.name}: trailing bytes")
@@ -238,10 +239,12 @@ def _append_rows(cache: FullKVCache, blocks: list[list[tuple[torch.Tensor, torch
     with torch.inference_mode():
         for layer in range(len(blocks[0])):
             k_buf, v_buf = cache.open_layer(layer, n)
-            k = torch.cat([blk[layer][0] for blk in blocks], dim=1)[:, skip:skip + n]
-            v = torch.cat([blk[layer][1] for blk in blocks], dim=1)[:, skip:skip + n]
-            k_buf[:, start:start + n] = k.to(k_buf.device)
-            v_buf[:, start:start + n] = v.to(v_buf.device)
+            row = start
+            for i, blk in enumerate(blocks):  # block by block into the cache's rows (no concatenated copy)
+                a = skip if i == 0 else 0
+                k_buf[:, row:row + BLOCK - a] = blk[layer][0][:, a:].to(k_buf.device, non_blocking=True)
+                v_buf[:, row:row + BLOCK - a] = blk[layer][1][:, a:].to(v_buf.device, non_blocking=True)
+                row += BLOCK - a
             cache.close_layer(layer, start, start + n)
         cache.advance(n)
 
