@@ -59,3 +59,13 @@ def checkpoint(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def long_text():
     return synthetic.synthetic_text(1500, seed=7)
+
+
+@pytest.fixture(scope="session")
+def trained_pair():
+    """The shipped stories260K target and its distilled draft (a LoadedModel each), fp32 on CPU, loaded once."""
+    from offload_runtime import loading, trained
+
+    target = loading.load(str(trained.TARGET), torch.device("cpu"), "float32")
+    draft = loading.load(str(trained.DRAFT), torch.device("cpu"), "float32", with_tokenizer=False)
+    return target, draft

@@ -56,3 +56,18 @@ def fail_on_server_errors(request: pytest.FixtureRequest):
 @pytest.fixture
 def expect_server_errors() -> None:
     """Asked for by a test that makes the server fail on purpose (an injected engine failure)."""
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def served_models(checkpoint: Any, folder: Any) -> tuple[Any, Any]:
+    """(target dir with a chat template, draft dir): random checkpoints sharing the trained tokenizer."""
+    import shutil
+
+    shutil.copytree(checkpoint("llama", eos_token_id=None), folder, dirs_exist_ok=True)
+    (folder / "chat_template.jinja").write_text(CHATML)
+    draft = checkpoint("llama", seed=3, eos_token_id=None, hidden_size=32, intermediate_size=64,
+                       num_attention_heads=2, num_key_value_heads=1)
+    return folder, draft

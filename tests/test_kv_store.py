@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from offload_runtime import kv_store, loading, trained
+from offload_runtime import kv_store, trained
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.cuda_streams import EmulatedLinkBackend
 from offload_runtime.kv_store import BLOCK, KVStore
@@ -33,9 +33,8 @@ def tiny_model_on_one_thread():
 
 
 @pytest.fixture(scope="module")
-def pair():
-    target = loading.load(str(trained.TARGET), torch.device("cpu"), "float32")
-    draft = loading.load(str(trained.DRAFT), torch.device("cpu"), "float32", with_tokenizer=False)
+def pair(trained_pair):
+    target, draft = trained_pair
     return target.model, draft.model, target.tokenizer
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import socket
 import threading
 import time
@@ -15,7 +14,7 @@ import httpx
 import openai
 import pytest
 import torch
-from serve_harness import StatusRecorder, expect_server_errors, fail_on_server_errors  # noqa: F401 (fixtures)
+from serve_harness import StatusRecorder, expect_server_errors, fail_on_server_errors, served_models  # noqa: F401 (fixtures)
 
 from offload_runtime import loading, serve, synthetic
 from offload_runtime.generate import generate_autoregressive
@@ -24,8 +23,6 @@ from offload_runtime.sampling import SamplingParams
 
 KEY = "test-key"
 MODEL = "tiny-chat"  # --model-name
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 ENGINE = ["--budget", "64", "--chunk-size", "8", "--gamma", "3", "--device", "cpu"]
 DOCUMENT = synthetic.synthetic_text(200, seed=4)
 SYSTEM = {"role": "system", "content": "Answer questions about this document.\n\n" + DOCUMENT}
@@ -36,13 +33,7 @@ SAFETY_S = 120  # a bound on waits for a state, never a claim about speed
 
 @pytest.fixture(scope="module")
 def models(checkpoint, tmp_path_factory):
-    """(target dir with a chat template, draft dir): random checkpoints sharing the trained tokenizer."""
-    target = tmp_path_factory.mktemp("served")
-    shutil.copytree(checkpoint("llama", eos_token_id=None), target, dirs_exist_ok=True)
-    (target / "chat_template.jinja").write_text(CHATML)
-    draft = checkpoint("llama", seed=3, eos_token_id=None, hidden_size=32, intermediate_size=64,
-                       num_attention_heads=2, num_key_value_heads=1)
-    return target, draft
+    return served_models(checkpoint, tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")

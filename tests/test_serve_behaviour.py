@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
 import socket
 import threading
 import time
@@ -23,6 +22,8 @@ import pytest
 import torch
 import uvicorn
 
+from serve_harness import served_models
+
 from offload_runtime import loading, serve, server_engine, synthetic
 from offload_runtime.caches import FullCache
 from offload_runtime.caches.offloaded import OffloadedCache
@@ -33,8 +34,6 @@ from offload_runtime.sampling import SamplingParams
 SAFETY_S = 120  # a missing event fails the test after this long; nothing is expected to take it
 KEY = "behaviour-key"
 MODEL = "tiny-chat"
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # fixed gammas: the sampled draws do not depend on the adaptive controller's timing
 ENGINE = ["--budget", "64", "--chunk-size", "8", "--gamma", "3", "--draft-gamma", "2", "--device", "cpu"]
 DOCUMENT = synthetic.synthetic_text(200, seed=4)
@@ -76,13 +75,7 @@ def running(args: Any) -> Iterator[Served]:
 
 @pytest.fixture(scope="module")
 def models(checkpoint, tmp_path_factory):
-    """(target dir with a chat template, draft dir): random checkpoints sharing the trained tokenizer."""
-    target = tmp_path_factory.mktemp("behaviour")
-    shutil.copytree(checkpoint("llama", eos_token_id=None), target, dirs_exist_ok=True)
-    (target / "chat_template.jinja").write_text(CHATML)
-    draft = checkpoint("llama", seed=3, eos_token_id=None, hidden_size=32, intermediate_size=64,
-                       num_attention_heads=2, num_key_value_heads=1)
-    return target, draft
+    return served_models(checkpoint, tmp_path_factory.mktemp("behaviour"))
 
 
 @pytest.fixture(scope="module")

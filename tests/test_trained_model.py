@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from offload_runtime import loading, trained
+from offload_runtime import trained
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.cuda_streams import EmulatedLinkBackend
 from offload_runtime.engine import EngineSettings, generate_triforce
@@ -28,10 +28,8 @@ def tiny_model_on_one_thread():
 
 
 @pytest.fixture(scope="module")
-def pair():
-    target = loading.load(str(trained.TARGET), torch.device("cpu"), "float32")
-    draft = loading.load(str(trained.DRAFT), torch.device("cpu"), "float32", with_tokenizer=False)
-    return target, draft
+def pair(trained_pair):
+    return trained_pair
 
 
 @pytest.fixture(scope="module")
