@@ -42,7 +42,7 @@ def demo_on_chip_layers(args: argparse.Namespace) -> int:
 
 def check_demo_link(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, capacity: int) -> None:
     """--emulate-link's refusals (and its warning for a slow pass) before any mode runs."""
-    from .run import check_emulated_link, check_link_time
+    from .validation import check_emulated_link, check_link_time
 
     check_emulated_link(args, device)
     on_chip = min(demo_on_chip_layers(args), model.cfg.num_layers)
@@ -52,7 +52,7 @@ def check_demo_link(args: argparse.Namespace, model: torch.nn.Module, device: to
 def offloaded_cache(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
                     capacity: int) -> OffloadedCache:
     """Full cache in host memory: all layers over the emulated link with --emulate-link, else all but one."""
-    from .run import check_emulated_link
+    from .validation import check_emulated_link
 
     check_emulated_link(args, device)
     on_chip = demo_on_chip_layers(args)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import UserError, error_line
-from .validation import check_flags, check_text, read_text
+from .validation import check_emulated_link, check_flags, check_link_time, check_text, read_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,11 +30,11 @@ def build_parser(prog: str = "python -m offload_runtime.run", description: str |
     p = _Parser(
         prog=prog,
         description=description or "Lossless long-context generation with a host-resident KV cache and TriForce "
-        "hierarchical speculative decoding. Without --model: a demo on a small synthetic model.",
+        "hierarchical speculative decoding. Without --model: a demo on the trained stories260K pair shipped with the package.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="target checkpoint: a local directory or a Hugging Face hub id (omit for the synthetic demo)")
+    g.add_argument("--model", help="target checkpoint: a local directory or a Hugging Face hub id (omit for the stories260K demo)")
     g.add_argument("--draft", help="small draft model sharing the target's vocabulary, --mode triforce only (omit: two-level hierarchy)")
     if io_flags:
         g = p.add_argument_group("input")
@@ -165,46 +165,6 @@ def pick_device(name: str) -> Any:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     return torch.device(name)
-
-
-def check_emulated_link(args: argparse.Namespace, device: Any) -> None:
-    """--emulate-link: a positive, finite GB/s, on the CPU, with the cache offloaded."""
-    gbps = getattr(args, "emulate_link", None)
-    if gbps is None:
-        return
-    if not (gbps > 0 and math.isfinite(gbps)):
-        raise UserError(f"--emulate-link must be a positive GB/s, a finite number: got {gbps:g}")
-    if device.type != "cpu":
-        raise UserError("--emulate-link emulates a GPU's link on the CPU: use it with --device cpu")
-    if args.offload == "off":
-        raise UserError("--emulate-link streams the cache over the emulated link: it cannot be used with --offload off")
-
-
-LINK_WARN_S = 10.0  # one pass over the emulated link longer than this: a warning with the time it takes
-LINK_REFUSE_S = 3600.0  # longer than this: refused (every generated token needs about one pass)
-
-
-def check_link_time(gbps: float | None, pass_bytes: int) -> None:
-    """Refuse an --emulate-link so slow that one pass over the offloaded cache (`pass_bytes`, what every
-    L3 pass copies at the planned context) takes over an hour; warn, with the time, above 10 s."""
-    if gbps is None or pass_bytes <= 0:
-        return
-    seconds = pass_bytes / (gbps * 1e9)
-    what = f"--emulate-link {gbps:g}: one pass over the offloaded cache ({pass_bytes / 1e6:.3g} MB) takes " \
-           f"{duration(seconds)}"
-    if seconds > LINK_REFUSE_S:
-        raise UserError(f"{what}; the slowest link accepted for this run is {pass_bytes / LINK_REFUSE_S / 1e9:.2g} "
-                        "GB/s (one pass an hour)")
-    if seconds > LINK_WARN_S:
-        print(f"warning: {what} (every generated token needs about one); Ctrl-C stops the run", file=sys.stderr)
-
-
-def duration(seconds: float) -> str:
-    """'42 s', '9.2 minutes', '6.4 days'."""
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if seconds >= 2 * size:
-            return f"{seconds / size:.2g} {unit}"
-    return f"{seconds:.2g} s"
 
 
 def plan_run(args: argparse.Namespace, device: Any, path: Path, hf: Any, n_prompt: int, tp: int = 1) -> tuple[Any, bool]:
@@ -494,7 +454,7 @@ def _run_rank(argv: Sequence[str] | None, rank0: bool) -> int:
         args = build_parser().parse_args(argv)
         validate(args)
         if args.model is None:
-            raise UserError("tensor parallelism needs --model (the synthetic demo runs in one process)")
+            raise UserError("tensor parallelism needs --model (the demo runs in one process)")
         if args.chat:
             raise UserError("--chat runs in one process; under torchrun use single-shot --prompt generation")
         import transformers

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def check_flags(args: argparse.Namespace) -> None:
         given = [f"--{name.replace('_', '-')}" for name in NEEDS_MODEL
                  if getattr(args, name, None) not in (None, False)]  # (the server has no input flags)
         if given:
-            raise UserError(f"{given[0]} needs --model PATH|HUB_ID (without --model the synthetic demo runs, "
+            raise UserError(f"{given[0]} needs --model PATH|HUB_ID (without --model the stories260K demo runs, "
                             "which takes no input)")
     if args.draft is not None and args.mode == "autoregressive":
         raise UserError("--draft is used only by --mode triforce: drop it, or drop --mode autoregressive")
@@ -102,3 +103,43 @@ def check_max_context(max_context: int | None, model_context: int) -> None:
     if max_context is not None and max_context > model_context:
         raise UserError(f"--max-context {max_context} is above the model's context of {model_context} tokens "
                         "(max_position_embeddings)")
+
+
+def check_emulated_link(args: argparse.Namespace, device: Any) -> None:
+    """--emulate-link: a positive, finite GB/s, on the CPU, with the cache offloaded."""
+    gbps = getattr(args, "emulate_link", None)
+    if gbps is None:
+        return
+    if not (gbps > 0 and math.isfinite(gbps)):
+        raise UserError(f"--emulate-link must be a positive GB/s, a finite number: got {gbps:g}")
+    if device.type != "cpu":
+        raise UserError("--emulate-link emulates a GPU's link on the CPU: use it with --device cpu")
+    if args.offload == "off":
+        raise UserError("--emulate-link streams the cache over the emulated link: it cannot be used with --offload off")
+
+
+LINK_WARN_S = 10.0  # one pass over the emulated link longer than this: a warning with the time it takes
+LINK_REFUSE_S = 3600.0  # longer than this: refused (every generated token needs about one pass)
+
+
+def check_link_time(gbps: float | None, pass_bytes: int) -> None:
+    """Refuse an --emulate-link so slow that one pass over the offloaded cache (`pass_bytes`, what every
+    L3 pass copies at the planned context) takes over an hour; warn, with the time, above 10 s."""
+    if gbps is None or pass_bytes <= 0:
+        return
+    seconds = pass_bytes / (gbps * 1e9)
+    what = f"--emulate-link {gbps:g}: one pass over the offloaded cache ({pass_bytes / 1e6:.3g} MB) takes " \
+           f"{duration(seconds)}"
+    if seconds > LINK_REFUSE_S:
+        raise UserError(f"{what}; the slowest link accepted for this run is {pass_bytes / LINK_REFUSE_S / 1e9:.2g} "
+                        "GB/s (one pass an hour)")
+    if seconds > LINK_WARN_S:
+        print(f"warning: {what} (every generated token needs about one); Ctrl-C stops the run", file=sys.stderr)
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '9.2 minutes', '6.4 days'."""
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.2g} {unit}"
+    return f"{seconds:.2g} s"

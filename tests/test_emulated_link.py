@@ -13,7 +13,7 @@ import torch
 from offload_runtime.cuda_streams import CpuBackend, EmulatedLinkBackend, make_backend
 from offload_runtime.cuda_streams.emulated import CopyEngineError
 from offload_runtime.errors import UserError
-from offload_runtime.run import check_emulated_link
+from offload_runtime.validation import check_emulated_link
 
 
 def test_copies_take_bytes_over_link_and_run_in_order():

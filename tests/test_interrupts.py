@@ -21,7 +21,8 @@ from offload_runtime import trained
 from offload_runtime.cuda_streams import EmulatedLinkBackend
 from offload_runtime.cuda_streams import emulated
 from offload_runtime.errors import UserError
-from offload_runtime.run import check_link_time, main
+from offload_runtime.run import main
+from offload_runtime.validation import check_link_time
 
 ROOT = Path(__file__).resolve().parent.parent
 

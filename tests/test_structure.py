@@ -110,6 +110,84 @@ def test_shadow_check_catches_a_clash(tmp_path):
     assert shadowed_dependencies(tmp_path, real)["torch"] == real["torch"]
 
 
+def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Import statements that run (those under `if TYPE_CHECKING:` only help the type checker)."""
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for stmt in node.body for n in ast.walk(stmt)}
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in skip]
+
+
+def import_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """module -> the package's modules it imports (at the top or inside functions), from the sources."""
+    def name(p: Path) -> str:
+        parts = p.relative_to(root).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    mods = {name(p): p for p in (root / package).rglob("*.py")}
+    graph = {}
+    for mod, path in mods.items():
+        here = (mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]).split(".")
+        found = set()
+        for node in _runtime_imports(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+                continue
+            base = ".".join((here[: len(here) - node.level + 1] if node.level else []) + ([node.module] if node.module else []))
+            found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names}
+        graph[mod] = {m for m in found if m in mods and m != mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: every strongly connected group of more than one module."""
+    order, low, stack, on, found, counter = {}, {}, [], set(), [], iter(range(len(graph)))
+
+    def visit(v: str) -> None:
+        order[v] = low[v] = next(counter)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+                on.discard(group[-1])
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in graph:
+        if v not in order:
+            visit(v)
+    return found
+
+
+def test_no_import_circle():
+    """Two modules that import each other (even lazily) cannot be read or changed one at a time."""
+    graph = import_graph(ROOT, "offload_runtime")
+    assert len(graph) > 30 and "offload_runtime.session" in graph["offload_runtime.run"] | {
+        m for deps in graph.values() for m in deps}
+    assert not cycles(graph), f"import circles: {cycles(graph)}"
+
+
+def test_cycle_check_catches_a_circle(tmp_path):
+    """Sabotage: a lazy import closing a circle through a package's __init__ is found; a TYPE_CHECKING one is not."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import helper\n")
+    (pkg / "sub" / "__init__.py").write_text("from .helper import x\n")
+    (pkg / "sub" / "helper.py").write_text("def x():\n    from .. import a\n")
+    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n")
+    (pkg / "c.py").write_text("from . import b\n")
+    found = cycles(import_graph(tmp_path, "pkg"))
+    assert found == [["pkg.a", "pkg.sub.helper"]], found  # (from .sub import helper: the module)
+
+
 def test_no_oversized_function_or_class():
     found = [hit for path in _files(*SOURCES) for hit in oversized(path)]
     assert not found, "split these:\n" + "\n".join(found)

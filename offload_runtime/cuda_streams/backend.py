@@ -248,14 +248,3 @@ class CudaBackend(Backend):
     def collect(self) -> TransferStats:
         self.drain(block=True)
         return self.stats.copy()
-
-
-def make_backend(device: torch.device | str, trace: bool = False, link_gbps: float | None = None) -> Backend:
-    """CUDA backend on a CUDA device, the synchronous CPU backend otherwise; with `link_gbps`, the
-    emulated link (CPU only: a copy-engine thread paced at that many GB/s)."""
-    device = torch.device(device)
-    if link_gbps is not None:
-        from .emulated import EmulatedLinkBackend
-
-        return EmulatedLinkBackend(device, link_gbps, trace)
-    return CudaBackend(device, trace) if device.type == "cuda" else CpuBackend(device, trace)
