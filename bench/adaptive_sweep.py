@@ -26,7 +26,7 @@ from offload_runtime import loading, trained
 from offload_runtime.engine import EngineSettings, Session
 from offload_runtime.sampling import SamplingParams
 
-from .offload_bench import RESULTS, machine_info, write_json
+from .common import RESULTS, machine_info, write_json
 
 
 

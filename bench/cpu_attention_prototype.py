@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from offload_runtime.kernels.reference import attention_reference
 
-from .offload_bench import RESULTS, machine_info, write_json
+from .common import RESULTS, machine_info, write_json
 
 SOURCE = Path(__file__).parent / "prototypes" / "cpu_decode_attention.cpp"
 CASES = ((16, 4, 64, 2048), (16, 16, 64, 8192), (32, 8, 128, 8192))  # query heads, KV heads, head_dim, keys

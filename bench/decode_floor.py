@@ -34,7 +34,7 @@ from offload_runtime.kernels import decode
 from offload_runtime.model import PREFILL_CHUNK, live_fused
 
 from .models import SHAPES, Shape, build_pair
-from .offload_bench import RESULTS, machine_info, write_json
+from .common import RESULTS, machine_info, write_json
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter  # set by main from --clock

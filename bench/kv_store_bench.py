@@ -29,7 +29,7 @@ from offload_runtime.session import Session
 from offload_runtime.settings import EngineSettings
 
 from .models import SHAPES, build_pair
-from .offload_bench import RESULTS, machine_info, make_prompt, write_json
+from .common import RESULTS, machine_info, make_prompt, write_json
 
 QUESTION = 24  # tokens after the document
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,9 +30,8 @@ import torch
 
 from . import cost_model
 from .models import DRAFTS, SHAPES, build_pair, parameter_count
-from .offload_bench import RESULTS, machine_info, make_prompt, write_json
+from .common import RESULTS, Clock, log, machine_info, make_prompt, memory_read_gbps, write_json
 
-RTX4090_MEMORY_OVER_LINK = 1008 / 25  # ~40
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,18 +51,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="")
     return p.parse_args(argv)
-
-
-def memory_read_gbps(nbytes: int = 1 << 30, repeats: int = 7) -> float:
-    """This machine's memory-read GB/s: median time of a sum over `nbytes` of fp32."""
-    x = torch.ones(nbytes // 4)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times) / 1e9
 
 
 def trained_acceptance(gamma: int, draft_gamma: int, chunk_size: int, share: int) -> dict:
@@ -91,27 +77,6 @@ def trained_acceptance(gamma: int, draft_gamma: int, chunk_size: int, share: int
                          "l2_per_pass": s["l2_forwards"] / s["l3_passes"],
                          "l1_per_pass": s["l1_forwards"] / s["l3_passes"]}
     return out
-
-
-class Clock:
-    """Emission times; s/token over every emission after the first (the first token comes from the
-    catch-up forward of the newest prompt token, not from a round). The copy-engine counters are
-    snapshotted at the first emission, so the copies counted are those of the timed L3 passes."""
-
-    def __init__(self, counters: Any) -> None:
-        self.events: list[tuple[float, int]] = []
-        self.counters = counters
-        self.start: Any = None
-
-    def __call__(self, tokens: list[int]) -> None:
-        if not self.events:
-            self.start = self.counters()
-        self.events.append((time.perf_counter(), len(tokens)))
-
-    def s_per_token(self) -> float | None:
-        if len(self.events) < 2:
-            return None
-        return (self.events[-1][0] - self.events[0][0]) / sum(n for _, n in self.events[1:])
 
 
 def run(session: Any, mode: str, draft: Any, prompt_len: int, new_tokens: int) -> dict:
@@ -218,10 +183,6 @@ def run_context(args: argparse.Namespace, target: Any, draft: Any, context: int,
         row["identical_tokens"] = tokens[:n] == reference[:n] and runs["2"]["tokens"][:len(tokens)] == tokens
         log(f"context {context}: {row['system']}: {row['s_per_token']:.3f} s/token")
     return rows
-
-
-def log(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
-import platform
 import statistics
 import sys
 import time
@@ -30,9 +28,9 @@ from offload_runtime.planner import host_available, host_usable
 from offload_runtime.run import auto_or_int
 
 from . import cost_model
+from .common import RESULTS, machine_info, make_prompt, sync, write_json
 from .models import DRAFTS, SHAPES, build_pair, load_pair, parameter_count
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP_EMISSIONS = 2
 
 
@@ -101,11 +99,6 @@ class HFClock(EmissionClock):
         pass
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_ours(session: Any, mode: str, draft: Any, prompt_len: int, new_tokens: int) -> tuple[dict, list[int]]:
     session.truncate(prompt_len)
     session.use(mode, draft)
@@ -169,13 +162,6 @@ def phase_costs(stats: dict) -> dict:
     l2 = (stats["time_l2_s"] - stats["time_l1_s"]) / stats["l2_forwards"] if stats.get("l2_forwards") else None
     l1 = stats["time_l1_s"] / stats["l1_forwards"] if stats.get("l1_forwards") else 0.0  # no draft: no L1 steps
     return {"l1_step_s": l1, "l2_step_s": l2, "l3_pass_s": l3}
-
-
-def make_prompt(context: int, vocab: int, text_ids: list[int] | None) -> list[int]:
-    """`context` tokens: the text's tokens repeated and cut, or seeded random ids."""
-    if text_ids:
-        return (text_ids * (context // len(text_ids) + 1))[:context]
-    return torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(context)).tolist()
 
 
 def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, context: int,
@@ -327,26 +313,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_json(out: str | Path, name: str, result: dict, tag: str = "") -> Path:
-    """`result` as `<out>/<name>[_<tag>].json` (the folder made if needed); returns the path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}{'_' + tag if tag else ''}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
-    return path
-
-
-def machine_info(device: torch.device) -> dict:
-    import transformers
-
-    info = {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
-            "cpu_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,9 +33,8 @@ import torch
 from offload_runtime import cost
 from offload_runtime.settings import AUTO_MAX_GAMMA
 
-from .link_bench import RTX4090_MEMORY_OVER_LINK, Clock, log, memory_read_gbps
 from .models import SHAPES, build_pair
-from .offload_bench import RESULTS, machine_info, make_prompt, write_json
+from .common import RESULTS, RTX4090_MEMORY_OVER_LINK, Clock, log, machine_info, make_prompt, memory_read_gbps, write_json
 
 
 def gamma_arg(text: str) -> int | None:

@@ -22,7 +22,7 @@ from offload_runtime.sampling import SamplingParams
 from offload_runtime.session import Session
 
 from .models import SHAPES, build_pair
-from .offload_bench import RESULTS, machine_info, make_prompt, write_json
+from .common import RESULTS, machine_info, make_prompt, write_json
 
 
 def ours(model: Any, prompt: list[int]) -> tuple[float, int]:
