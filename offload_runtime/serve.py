@@ -3,7 +3,7 @@
 Takes the model, generation, engine and memory flags of `run` (the generation flags are the
 defaults of requests that do not set them) plus --host, --port and --api-key. One engine, batch 1:
 requests queue and run one at a time; each reuses the caches of the longest token prefix it shares
-with the previous conversation (see server_engine). A user error prints one `error:` line, exit 2.
+with the previous conversation (see server/engine.py). A user error prints one `error:` line, exit 2.
 SIGTERM or SIGINT stop accepting, cancel the running generations and exit 0 within about a second.
 """
 from __future__ import annotations
@@ -65,8 +65,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
     """Plan, load and wrap the engine: (FastAPI app, EngineWorker). The caller closes the worker."""
     import transformers
 
-    from .server_app import ServerConfig, create_app
-    from .server_engine import ContextPool, EngineWorker, new_session
+    from .server.app import ServerConfig, create_app
+    from .server.engine import ContextPool, EngineWorker, new_session
 
     transformers.logging.set_verbosity_error()
     job = prepare(args, None, None, pick_device(args.device))  # planned as the chat plans a conversation
@@ -87,7 +87,7 @@ def make_server(app: Any, worker: Any, host: str, port: int, read_timeout: float
     and a signal stops it at once (see Server)."""
     import uvicorn
 
-    from .server_http import DeadlineProtocol, Server
+    from .server.http import DeadlineProtocol, Server
 
     http = functools.partial(DeadlineProtocol, read_timeout=read_timeout)
     logs = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)  # our one-line notes (disconnects, timeouts) as uvicorn's

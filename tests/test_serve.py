@@ -403,7 +403,7 @@ class _CharTokenizer:
 
 
 def test_answer_text_holds_back_a_possible_stop_string():
-    from offload_runtime.server_engine import AnswerText
+    from offload_runtime.server.engine import AnswerText
 
     tok = _CharTokenizer()
     ids = {c: i for i, c in enumerate(tok.alphabet)}

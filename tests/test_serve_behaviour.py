@@ -24,7 +24,8 @@ import uvicorn
 
 from serve_harness import served_models
 
-from offload_runtime import loading, serve, server_engine, synthetic
+from offload_runtime import loading, serve, synthetic
+from offload_runtime.server import engine as server_engine
 from offload_runtime.caches import FullCache
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.generate import generate_autoregressive

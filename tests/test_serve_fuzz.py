@@ -18,7 +18,8 @@ import pytest
 from pydantic import create_model
 from serve_harness import StatusRecorder
 
-from offload_runtime import serve, server_schema
+from offload_runtime import serve
+from offload_runtime.server import schema as server_schema
 
 ASSETS = Path(__file__).resolve().parents[1] / "offload_runtime" / "assets"
 MODEL = "stories"

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag,
                       ValidationError, ValidationInfo)
 
-from .server_requests import ApiError
+from .requests import ApiError
 
 ROLES = ("system", "developer", "user", "assistant")
 

@@ -19,12 +19,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from . import server_schema as schema
-from .chat import ChatFormat
-from .errors import UserError
-from .server_engine import Completion, EngineWorker
-from .server_engine import Request as EngineRequest
-from .server_requests import (ApiError, chat_prompt_ids, chunk, completion_prompt_ids, fit_max_tokens,
+from . import schema
+from ..chat import ChatFormat
+from ..errors import UserError
+from .engine import Completion, EngineWorker
+from .engine import Request as EngineRequest
+from .requests import (ApiError, chat_prompt_ids, chunk, completion_prompt_ids, fit_max_tokens,
                               parse_options, response, usage, user_error, new_id)
 
 log = logging.getLogger("offload_runtime.serve")

@@ -19,21 +19,21 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import UserError
-from .sampling import SamplingParams
+from ..errors import UserError
+from ..sampling import SamplingParams
 
 
 def new_session(args: Any, job: Any, target: Any, draft: Any) -> Any:
     """The server's engine Session for run.py's flags, plan (`job`) and loaded models: the one place
     the server builds it (as run.chat does)."""
-    from .run import make_session
+    from ..run import make_session
 
     return make_session(args, job, target, draft)
 
 
 def set_sampling(session: Any, params: SamplingParams, generator: torch.Generator) -> None:
     """Each request brings its own temperature, top-p and seed; the session's levels keep references."""
-    session.sampler.params, session.sampler.generator = params, generator  # every level draws through it
+    session.reconfigure(params=params, generator=generator)  # every level draws through the session's sampler
 
 
 class Interrupted(KeyboardInterrupt):
@@ -115,7 +115,7 @@ class AnswerText:
 
 def context_bytes(session: Any) -> int:
     """Bytes of a context's full cache as allocated (its rows, every layer)."""
-    from .caches.base import kv_row_bytes
+    from ..caches.base import kv_row_bytes
 
     cfg = session.target.cfg
     return session.full.capacity * cfg.num_layers * kv_row_bytes(cfg, session.target.dtype)

@@ -7,13 +7,13 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .chat import ChatFormat
-from .errors import UserError
-from .sampling import SamplingParams
-from .server_engine import Completion
+from ..chat import ChatFormat
+from ..errors import UserError
+from ..sampling import SamplingParams
+from .engine import Completion
 
 if TYPE_CHECKING:  # (the schema imports ApiError from here)
-    from .server_schema import ChatRequest, CompletionRequest, Generation, Message
+    from .schema import ChatRequest, CompletionRequest, Generation, Message
 
 
 class ApiError(Exception):
