@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from offload_runtime import loading, trained
-from offload_runtime.engine import EngineSettings, Session
+from offload_runtime.session import Session
+from offload_runtime.settings import EngineSettings
 from offload_runtime.sampling import SamplingParams
 
 from .common import RESULTS, machine_info, write_json

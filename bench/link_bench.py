@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def trained_acceptance(gamma: int, draft_gamma: int, chunk_size: int, share: int) -> dict:
     """Tokens per L3 pass and steps per pass of stories260K (2 and 3 levels) at 1/share of its story."""
     from offload_runtime import loading, trained
-    from offload_runtime.engine import EngineSettings, generate_triforce
+    from offload_runtime.generate import generate_triforce
+    from offload_runtime.settings import EngineSettings
     from offload_runtime.sampling import SamplingParams
 
     cpu = torch.device("cpu")
@@ -144,7 +145,8 @@ def run_context(args: argparse.Namespace, target: Any, draft: Any, context: int,
     """One prefill over the emulated link, then every system from it."""
     from offload_runtime.caches.offloaded import OffloadedCache
     from offload_runtime.cuda_streams import make_backend
-    from offload_runtime.engine import EngineSettings, Session
+    from offload_runtime.session import Session
+    from offload_runtime.settings import EngineSettings
     from offload_runtime.sampling import SamplingParams
 
     step = args.gamma + 1

@@ -166,7 +166,8 @@ def phase_costs(stats: dict) -> dict:
 
 def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, context: int,
                   device: torch.device, text_ids: list[int] | None = None) -> list[dict]:
-    from offload_runtime.engine import EngineSettings, Session
+    from offload_runtime.session import Session
+    from offload_runtime.settings import EngineSettings
     from offload_runtime.sampling import SamplingParams
 
     prompt = make_prompt(context, target.cfg.vocab_size, text_ids)

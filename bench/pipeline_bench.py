@@ -68,7 +68,8 @@ def make_session(target: Any, args: argparse.Namespace, link_gbps: float | None)
     """The full cache offloaded behind the link (emulated at `link_gbps` on the CPU; the real one on CUDA)."""
     from offload_runtime.caches.offloaded import OffloadedCache
     from offload_runtime.cuda_streams import make_backend
-    from offload_runtime.engine import EngineSettings, Session
+    from offload_runtime.session import Session
+    from offload_runtime.settings import EngineSettings
     from offload_runtime.sampling import SamplingParams
 
     capacity = args.context + 2 * (args.new_tokens + (args.gamma or AUTO_MAX_GAMMA) + 2)
@@ -107,7 +108,8 @@ def calibrated_session(target: Any, args: argparse.Namespace) -> tuple[Any, floa
 def trained_all_accepted(gamma: int, share: int = 8) -> dict:
     """stories260K, 2 levels at 1/share of its story: share of rounds with every proposal accepted."""
     from offload_runtime import loading, trained
-    from offload_runtime.engine import EngineSettings, generate_triforce
+    from offload_runtime.generate import generate_triforce
+    from offload_runtime.settings import EngineSettings
     from offload_runtime.sampling import SamplingParams
 
     target = loading.load(str(trained.TARGET), torch.device("cpu"), "float32")

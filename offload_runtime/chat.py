@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from .engine import Session
+from .session import Session
 from .errors import UserError
 from .validation import check_text
 

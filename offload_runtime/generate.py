@@ -37,13 +37,24 @@ def generate_triforce(target: CausalLM, draft: CausalLM | None, prompt_ids: list
                         on_tokens, cache, "triforce")
 
 
+def answer_capacity(prompt_tokens: int, max_new_tokens: int, settings: EngineSettings, mode: str) -> int:
+    """Rows a full cache needs for one answer: the prompt, the answer, and in TriForce mode the gamma + 1
+    rows an L3 pass writes past it."""
+    return prompt_tokens + max_new_tokens + (settings.max_gamma + 1 if mode == "triforce" else 0)
+
+
+def answer(session: Session, prompt_ids: list[int], max_new_tokens: int,
+           on_tokens: TokenCallback | None = None) -> GenerationResult:
+    """The one single-shot path (these functions and the CLI's run alike): prefill the prompt, generate."""
+    session.extend(prompt_ids)
+    return session.generate(max_new_tokens, on_tokens)
+
+
 def _single_shot(target: CausalLM, draft: CausalLM | None, prompt_ids: list[int], max_new_tokens: int,
                  params: SamplingParams, eos_ids: list[int], settings: EngineSettings,
                  generator: torch.Generator | None, on_tokens: TokenCallback | None, cache: FullKVCache | None,
                  mode: str) -> GenerationResult:
     check_request(len(prompt_ids), max_new_tokens, target.cfg.max_position_embeddings)
-    slots = settings.max_gamma + 1 if mode == "triforce" else 0  # an L3 pass writes gamma + 1 rows past the answer
     session = Session(target, draft, params, eos_ids, settings, generator, mode, cache=cache,
-                      capacity=len(prompt_ids) + max_new_tokens + slots)
-    session.extend(prompt_ids)
-    return session.generate(max_new_tokens, on_tokens)
+                      capacity=answer_capacity(len(prompt_ids), max_new_tokens, settings, mode))
+    return answer(session, prompt_ids, max_new_tokens, on_tokens)

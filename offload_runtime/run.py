@@ -314,10 +314,10 @@ def generate_once(args: argparse.Namespace, job: Job, target: Any, draft: Any, s
 
     prompt_ids = job.prompt_ids
     stream = TextStreamer(target.tokenizer) if stream and not args.json else None
-    slots = engine_settings(args).max_gamma + 1 if args.mode == "triforce" else 0  # an L3 pass writes gamma + 1 rows past the answer
-    session = make_session(args, job, target, draft, capacity=len(prompt_ids) + args.max_new_tokens + slots)
-    session.extend(prompt_ids)
-    result = session.generate(args.max_new_tokens, stream)
+    from .generate import answer, answer_capacity
+
+    capacity = answer_capacity(len(prompt_ids), args.max_new_tokens, engine_settings(args), args.mode)
+    result = answer(make_session(args, job, target, draft, capacity=capacity), prompt_ids, args.max_new_tokens, stream)
     if stream:
         stream.finish()
     result.stats["memory_plan"] = job.plan.as_dict()

@@ -14,7 +14,8 @@ import torch
 
 from offload_runtime import loading, synthetic
 from offload_runtime.chat import ChatSession
-from offload_runtime.engine import EngineSettings, Session
+from offload_runtime.session import Session
+from offload_runtime.settings import EngineSettings
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.run import main
 from offload_runtime.sampling import SamplingParams

@@ -15,7 +15,8 @@ import torch
 from offload_runtime import loading, synthetic
 from offload_runtime.chat import ChatSession, run_chat, save_json
 from offload_runtime.console import PrefillProgress
-from offload_runtime.engine import EngineSettings, Session
+from offload_runtime.session import Session
+from offload_runtime.settings import EngineSettings
 from offload_runtime.errors import UserError
 from offload_runtime.run import main
 from offload_runtime.sampling import SamplingParams

@@ -11,7 +11,8 @@ from offload_runtime.caches import FullCache
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.config import ModelConfig
 from offload_runtime.cuda_streams import CpuBackend, CudaBackend, LayerPipeline, link_bandwidth
-from offload_runtime.engine import EngineSettings, generate_triforce
+from offload_runtime.generate import generate_triforce
+from offload_runtime.settings import EngineSettings
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.model import CausalLM, fuse_projections
 from offload_runtime.sampling import SamplingParams

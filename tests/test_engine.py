@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from offload_runtime import loading, synthetic
 from offload_runtime.caches import FullCache
-from offload_runtime.engine import EngineSettings, Session, generate_triforce
+from offload_runtime.generate import generate_triforce
+from offload_runtime.session import Session
+from offload_runtime.settings import EngineSettings
 from offload_runtime.errors import UserError
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.run import main

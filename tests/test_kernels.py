@@ -332,7 +332,8 @@ def test_engine_greedy_tokens_unchanged_with_triton_kernels(tk, monkeypatch, che
     """TriForce (draft + retrieval + full cache) with every kernel forced to Triton (interpreted
     on CPU) emits the greedy tokens of autoregressive decoding with the reference kernels."""
     from offload_runtime import loading
-    from offload_runtime.engine import EngineSettings, generate_triforce
+    from offload_runtime.generate import generate_triforce
+    from offload_runtime.settings import EngineSettings
     from offload_runtime.generate import generate_autoregressive
     from offload_runtime.sampling import SamplingParams
 

@@ -8,7 +8,8 @@ from offload_runtime import loading
 from offload_runtime.caches import FullKVCache
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.cuda_streams import CpuBackend
-from offload_runtime.engine import EngineSettings, generate_triforce
+from offload_runtime.generate import generate_triforce
+from offload_runtime.settings import EngineSettings
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.sampling import SamplingParams
 

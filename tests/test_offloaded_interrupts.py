@@ -18,7 +18,8 @@ from offload_runtime.caches import FullCache
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.chat import ChatSession
 from offload_runtime.cuda_streams import EmulatedLinkBackend
-from offload_runtime.engine import EngineSettings, Session
+from offload_runtime.session import Session
+from offload_runtime.settings import EngineSettings
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.pipelined import PreDraft
 from offload_runtime.run import main

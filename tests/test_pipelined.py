@@ -15,7 +15,9 @@ from offload_runtime.caches import FullCache
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.cuda_streams import EmulatedLinkBackend
 from offload_runtime.cuda_streams.backend import DONE
-from offload_runtime.engine import EngineSettings, Session, generate_triforce
+from offload_runtime.generate import generate_triforce
+from offload_runtime.session import Session
+from offload_runtime.settings import EngineSettings
 from offload_runtime.errors import UserError
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.pipelined import PreDraft

@@ -7,7 +7,8 @@ import torch
 
 from offload_runtime import loading
 from offload_runtime.adaptive import AdaptiveSpeculation
-from offload_runtime.engine import EngineSettings, Session
+from offload_runtime.session import Session
+from offload_runtime.settings import EngineSettings
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.policy import FixedPolicy, RoundChoice, RoundOutcome
 from offload_runtime.sampling import SamplingParams

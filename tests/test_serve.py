@@ -419,7 +419,8 @@ def test_answer_text_holds_back_a_possible_stop_string():
 def test_session_shrinks_below_the_draft_sinks_after_evicting(models):
     """Prefix reuse can cut a long context back to a few tokens: the draft level (which evicted rows
     of the long context) must start again, not recurse."""
-    from offload_runtime.engine import EngineSettings, Session
+    from offload_runtime.session import Session
+    from offload_runtime.settings import EngineSettings
 
     target = loading.load(str(models[0]), torch.device("cpu"), with_tokenizer=False).model
     draft = loading.load(str(models[1]), torch.device("cpu"), with_tokenizer=False).model

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from offload_runtime import trained
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.cuda_streams import EmulatedLinkBackend
-from offload_runtime.engine import EngineSettings, generate_triforce
+from offload_runtime.generate import generate_triforce
+from offload_runtime.settings import EngineSettings
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.run import main
 from offload_runtime.sampling import SamplingParams

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from offload_runtime import loading, synthetic
-from offload_runtime.engine import EngineSettings, generate_triforce
+from offload_runtime.generate import generate_triforce
+from offload_runtime.settings import EngineSettings
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.run import main
 from offload_runtime.sampling import SamplingParams
