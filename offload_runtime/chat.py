@@ -25,6 +25,12 @@ COMMANDS = {"/reset": "drop the conversation, keep the document", "/stats": "sta
             "/save! FILE": "the same, replacing FILE", "/exit": "leave"}
 
 
+def plain_turn(known_text: str, user: str) -> str:
+    """A user turn in the plain layout (no chat template), after the text so far."""
+    sep = "" if not known_text or known_text.endswith("\n") else "\n"
+    return f"{sep}User: {user}\nAssistant:"
+
+
 class ChatFormat:
     """Turns messages into token ids incrementally, so a new turn is just the text it adds."""
 
@@ -62,11 +68,26 @@ class ChatFormat:
         messages = self.document_messages(document)
         return self._render(messages, False) if messages else ""
 
+    def conversation(self, messages: list[dict]) -> str:
+        """A whole conversation as text, ready for the assistant's answer (the server's prompts): the
+        chat template, or the plain layout the chat writes turn by turn. A template may refuse an
+        order of roles: its exception passes through."""
+        if self.templated:
+            return self._render(messages, True)
+        text = ""
+        for m in messages:
+            if m["role"] == "system":
+                text += m["content"] + "\n\n"
+            elif m["role"] == "user":
+                text += plain_turn(text, m["content"])
+            else:
+                text += m["content"]
+        return text
+
     def turn_text(self, messages: list[dict], known_text: str, user: str) -> str:
         """Text a new user turn adds after `known_text` (everything the context already holds)."""
         if not self.templated:
-            sep = "" if not known_text or known_text.endswith("\n") else "\n"
-            return f"{sep}User: {user}\nAssistant:"
+            return plain_turn(known_text, user)
         full = self._render(messages + [{"role": "user", "content": user}], True)
         if full.startswith(known_text):
             return full[len(known_text):]

@@ -60,29 +60,15 @@ def _text(message: Message) -> str:
 
 
 def chat_prompt_ids(request: ChatRequest, fmt: ChatFormat) -> list[int]:
-    """The conversation rendered as the chat renders it (the tokenizer's chat template), as token ids."""
+    """The conversation rendered as the chat renders it (ChatFormat.conversation: the tokenizer's chat
+    template, or the chat's plain layout), as token ids."""
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m)}
                 for m in request.messages]
-    if fmt.templated:
-        try:
-            text = fmt.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # a template may refuse an order of roles (jinja raise_exception)
-            raise invalid("messages", f"the chat template refused the conversation: {exc}")
-        return fmt.encode(text, first=False)  # the template writes its own BOS
-    return fmt.encode(plain_conversation(messages), first=True)
-
-
-def plain_conversation(messages: list[dict]) -> str:
-    """The chat's "User:/Assistant:" layout, for tokenizers without a chat template."""
-    text = ""
-    for m in messages:
-        if m["role"] == "system":
-            text += m["content"] + "\n\n"
-        elif m["role"] == "user":
-            text += ("" if not text or text.endswith("\n") else "\n") + f"User: {m['content']}\nAssistant:"
-        else:
-            text += m["content"]
-    return text
+    try:
+        text = fmt.conversation(messages)
+    except Exception as exc:  # a template may refuse an order of roles (jinja raise_exception)
+        raise invalid("messages", f"the chat template refused the conversation: {exc}")
+    return fmt.encode(text, first=not fmt.templated)  # a template writes its own BOS
 
 
 def completion_prompt_ids(request: CompletionRequest, tokenizer: Any) -> list[int]:
