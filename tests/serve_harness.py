@@ -71,3 +71,22 @@ def served_models(checkpoint: Any, folder: Any) -> tuple[Any, Any]:
     draft = checkpoint("llama", seed=3, eos_token_id=None, hidden_size=32, intermediate_size=64,
                        num_attention_heads=2, num_key_value_heads=1)
     return folder, draft
+
+
+def greedy_answerer(target: Any) -> tuple[Any, Any]:
+    """(tokenizer, answer(ids, n)): the target alone's greedy text (autoregressive, a fresh cache): the
+    reference a served answer must equal."""
+    import torch
+
+    from offload_runtime import loading
+    from offload_runtime.generate import generate_autoregressive
+    from offload_runtime.sampling import SamplingParams
+
+    model = loading.load(str(target), torch.device("cpu"), with_tokenizer=False).model
+    tok = loading.load_tokenizer(target)
+
+    def answer(ids: list[int], n: int) -> str:
+        return tok.decode(generate_autoregressive(model, ids, n, SamplingParams(0.0), []).token_ids,
+                          skip_special_tokens=True)
+
+    return tok, answer

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 import torch
-from serve_harness import StatusRecorder, expect_server_errors, fail_on_server_errors, served_models  # noqa: F401 (fixtures)
+from serve_harness import StatusRecorder, expect_server_errors, fail_on_server_errors, greedy_answerer, served_models  # noqa: F401 (fixtures)
 
 from offload_runtime import loading, serve, synthetic
 from offload_runtime.generate import generate_autoregressive
@@ -74,15 +74,7 @@ def server(engine, recorder):
 @pytest.fixture(scope="module")
 def reference(models):
     """Greedy answers of the target alone (autoregressive, fresh cache) for token ids."""
-    target, _ = models
-    model = loading.load(str(target), torch.device("cpu"), with_tokenizer=False).model
-    tok = loading.load_tokenizer(target)
-
-    def answer(ids: list[int], n: int) -> str:
-        return tok.decode(generate_autoregressive(model, ids, n, SamplingParams(0.0), []).token_ids,
-                          skip_special_tokens=True)
-
-    return tok, answer
+    return greedy_answerer(models[0])
 
 
 def client(base: str, key: str = KEY) -> openai.OpenAI:

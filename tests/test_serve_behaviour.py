@@ -19,16 +19,14 @@ from typing import Any, Callable, Iterator
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
-from serve_harness import served_models
+from serve_harness import greedy_answerer, served_models
 
-from offload_runtime import loading, serve, synthetic
+from offload_runtime import serve, synthetic
 from offload_runtime.server import engine as server_engine
 from offload_runtime.caches import FullCache
 from offload_runtime.caches.offloaded import OffloadedCache
-from offload_runtime.generate import generate_autoregressive
 from offload_runtime.run import main as run_main
 from offload_runtime.sampling import SamplingParams
 
@@ -95,12 +93,7 @@ def server(models):
 def reference(models):
     """(tokenizer, greedy answer of the target alone for token ids, ids of a chat / a completion prompt)."""
     target, _ = models
-    model = loading.load(str(target), torch.device("cpu"), with_tokenizer=False).model
-    tok = loading.load_tokenizer(target)
-
-    def answer(ids: list[int], n: int) -> str:
-        return tok.decode(generate_autoregressive(model, ids, n, SamplingParams(0.0), []).token_ids,
-                          skip_special_tokens=True)
+    tok, answer = greedy_answerer(target)
 
     def chat_ids(messages: list[dict]) -> list[int]:
         rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
