@@ -84,3 +84,9 @@ class Clock:
         if len(self.events) < 2:
             return None
         return (self.events[-1][0] - self.events[0][0]) / sum(n for _, n in self.events[1:])
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table: the header, its rule, one line per row (cells already formatted)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(x) for x in row) + " |" for row in rows])

@@ -29,7 +29,7 @@ from offload_runtime.session import Session
 from offload_runtime.settings import EngineSettings
 
 from .models import SHAPES, build_pair
-from .common import RESULTS, machine_info, make_prompt, write_json
+from .common import RESULTS, machine_info, make_prompt, markdown_table, write_json
 
 QUESTION = 24  # tokens after the document
 
@@ -182,11 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "kv_store_bench", "machine": machine_info(torch.device("cpu")),
               "disk_read_gbps": disk, "rows": rows, "server": servers}
     path = write_json(args.out, "kv_store_bench", result, args.tag)
-    print("| document | tokens | restored | cold s | disk s | RAM s | disk/cold | store GB/s (disk) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['document']} | {r['tokens']} | {r['restored_tokens']} | {r['cold_s']:.3f} | {r['disk_s']:.3f} | "
-              f"{r['ram_s']:.3f} | {r['disk_over_cold']:.3f} | {r['store_read_gbps_disk']:.2f} / {disk:.2f} |")
+    print(markdown_table(["document", "tokens", "restored", "cold s", "disk s", "RAM s", "disk/cold", "store GB/s (disk)"],
+                         [[r["document"], r["tokens"], r["restored_tokens"], f"{r['cold_s']:.3f}", f"{r['disk_s']:.3f}",
+                           f"{r['ram_s']:.3f}", f"{r['disk_over_cold']:.3f}", f"{r['store_read_gbps_disk']:.2f} / {disk:.2f}"]
+                          for r in rows]))
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -22,7 +22,7 @@ from offload_runtime.sampling import SamplingParams
 from offload_runtime.session import Session
 
 from .models import SHAPES, build_pair
-from .common import RESULTS, machine_info, make_prompt, write_json
+from .common import RESULTS, machine_info, make_prompt, markdown_table, write_json
 
 
 def ours(model: Any, prompt: list[int]) -> tuple[float, int]:
@@ -78,11 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "prefill_bench", "machine": machine_info(torch.device("cpu")), "shape": args.shape,
               "repeats": args.repeats, "rows": rows}
     path = write_json(args.out, f"prefill_bench_{args.shape}", result, args.tag)
-    print("| context | ours tok/s | transformers tok/s | ours / transformers | same first token |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['context']} | {r['tok_s']['ours']:.0f} | {r['tok_s']['transformers']:.0f} | "
-              f"{r['ours_over_transformers']:.2f} | {'yes' if r['same_first_token'] else 'NO'} |")
+    print(markdown_table(["context", "ours tok/s", "transformers tok/s", "ours / transformers", "same first token"],
+                         [[r["context"], f"{r['tok_s']['ours']:.0f}", f"{r['tok_s']['transformers']:.0f}",
+                           f"{r['ours_over_transformers']:.2f}", "yes" if r["same_first_token"] else "NO"] for r in rows]))
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -15,7 +15,6 @@ used blocks (a read refreshes a block's time).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -30,6 +29,7 @@ from typing import Callable
 import torch
 
 from .caches.base import FullKVCache
+from .errors import OneLineParser, UserError, error_line
 from .model import CausalLM
 
 FORMAT = 1
@@ -219,16 +219,16 @@ class KVStore:
             evict(self.root, self.max_bytes)
         return written
 
-    def _block_bytes(self, cache: FullKVCache, i: int, prev: str, tokens: list[int]) -> bytes:
+    def _block_bytes(self, cache: FullKVCache, i: int, prev: str, tokens: list[int]) -> list:
         a, b = i * BLOCK, (i + 1) * BLOCK
         layers = []
         for layer in range(self.cfg.num_layers):
             k, v = cache.rows(layer, a, b)
-            layers.append(torch.stack([k, v]).to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            layers.append(torch.stack([k, v]).to("cpu").contiguous().view(torch.uint8).numpy())
         h = BlockHeader(FORMAT, self.digest, prev, list(tokens), self.cfg.num_layers, self.cfg.num_kv_heads,
                         self.cfg.head_dim, str(self.dtype).replace("torch.", ""), [zlib.crc32(x) for x in layers])
         header = json.dumps(h.__dict__).encode()
-        return b"".join([MAGIC, struct.pack("<Q", len(header)), header, *layers])
+        return [MAGIC, struct.pack("<Q", len(header)), header, *layers]  # written piece by piece: no joined copy
 
 
 def _append_rows(cache: FullKVCache, blocks: list[list[tuple[torch.Tensor, torch.Tensor]]], skip: int,
@@ -249,12 +249,13 @@ def _append_rows(cache: FullKVCache, blocks: list[list[tuple[torch.Tensor, torch
         cache.advance(n)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see the old file or the whole new one."""
+def _atomic_write(path: Path, parts: bytes | list) -> None:
+    """Write `parts` (bytes-like, in order) to a temporary file beside `path`, then rename: readers see
+    the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.writelines([parts] if isinstance(parts, bytes) else parts)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -315,13 +316,18 @@ def clear(root: str | Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """python -m offload_runtime.kv_store DIR [--clear | --max-gb N]: list (default), clear or trim a store."""
-    p = argparse.ArgumentParser(prog="python -m offload_runtime.kv_store", description=main.__doc__)
+    p = OneLineParser(prog="python -m offload_runtime.kv_store", description=main.__doc__)
     p.add_argument("store", help="the folder given to --kv-store")
     p.add_argument("--clear", action="store_true", help="delete everything in the store")
     p.add_argument("--max-gb", type=float, help="delete least recently used blocks down to this size")
-    args = p.parse_args(argv)
-    if not Path(args.store).is_dir():
-        print(f"error: {args.store} is not a folder", file=sys.stderr)
+    try:
+        args = p.parse_args(argv)
+        if args.max_gb is not None and not (args.max_gb >= 0 and args.max_gb != float("inf")):
+            raise UserError(f"--max-gb must be a number of GB >= 0, got {args.max_gb}")
+        if not Path(args.store).is_dir():
+            raise UserError(f"{args.store} is not a folder")
+    except UserError as exc:
+        print(error_line(exc), file=sys.stderr)
         return 2
     if args.clear:
         print(f"deleted {clear(args.store)} blocks")

@@ -15,19 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import UserError, error_line
+from .errors import OneLineParser, UserError, error_line
 from .validation import check_emulated_link, check_flags, check_link_time, check_text, read_text
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + two lines)
-        raise UserError(message)
 
 
 def build_parser(prog: str = "python -m offload_runtime.run", description: str | None = None,
                  io_flags: bool = True) -> argparse.ArgumentParser:
     """The flags of `run`; io_flags=False leaves out the input and output groups (the server reuses the rest)."""
-    p = _Parser(
+    p = OneLineParser(
         prog=prog,
         description=description or "Lossless long-context generation with a host-resident KV cache and TriForce "
         "hierarchical speculative decoding. Without --model: a demo on the trained stories260K pair shipped with the package.",
@@ -227,9 +222,8 @@ class Job:
     def close(self) -> None:
         """Stop the cache's copy engine (an emulated link's thread) now, in order, before the interpreter
         exits: copies not yet run are dropped (the run is over)."""
-        close = getattr(getattr(self.cache, "backend", None), "close", None)
-        if close is not None:
-            close(cancel=True)
+        if self.cache is not None:
+            self.cache.close()
 
 
 def prepare(args: argparse.Namespace, prompt: str | None, document: str | None, device: Any, tp: int = 1) -> Job:

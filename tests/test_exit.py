@@ -59,11 +59,13 @@ def test_copy_engines_ending_at_exit_do_not_abort():
 
 def test_sabotage_engines_left_to_the_interpreter_abort():
     """The harness catches the bug: with the old engine loop and no exit hook, the storm aborts."""
-    for _ in range(6):
+    for _ in range(6):  # (it aborts in most runs; one abort is enough)
         done = storm("sabotage")
-        if done.returncode != 0:
+        if done.returncode != 0 or "terminate called" in done.stderr:
             break
-    assert done.returncode == -6 and "terminate called without an active exception" in done.stderr
+    # what the check of the fixed runs refuses: a nonzero status (-6 from std::terminate, or another
+    # signal when the thread dies elsewhere in the teardown) or the message
+    assert done.returncode != 0 or "terminate called" in done.stderr, done.stderr[-2000:]
 
 
 def test_pipelined_emulated_json_runs_exit_cleanly_under_a_cpu_hog():

@@ -240,3 +240,25 @@ def test_cli_second_run_restores_the_document(tmp_path, capsys, story, reference
     assert main(argv[:-2] + ["--kv-store", str(trained.STORY)]) == 2  # a file, not a folder
     assert "is not a folder" in capsys.readouterr().err
     assert main(["--kv-store", str(store)]) == 2  # the demo takes no store
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kv-store-max-gb", "0"], "--kv-store-max-gb must be a positive number, got 0.0"),
+    (["--kv-store-max-gb", "nan"], "--kv-store-max-gb must be a positive number, got nan"),
+    (["--kv-store-max-gb", "-inf"], "expected one argument"),  # argparse reads -inf as a flag
+    (["--kv-store-max-gb", "lots"], "invalid float value: 'lots'")])
+def test_bad_store_flags_are_one_line(tmp_path, capsys, argv, message):
+    from offload_runtime.run import main
+
+    assert main(["--model", str(trained.TARGET), "--prompt", "Once", "--kv-store", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.parametrize("argv, message", [(["--max-gb", "-1"], "--max-gb must be a number of GB >= 0"),
+                                           (["--max-gb", "inf"], "--max-gb must be a number of GB >= 0"),
+                                           (["--max-gb", "x"], "invalid float value"), (["--frobnicate"], "unrecognized")])
+def test_the_store_command_answers_mistakes_in_one_line(tmp_path, capsys, argv, message):
+    assert kv_store.main([str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err

@@ -86,3 +86,14 @@ def test_a_budget_below_one_more_context_keeps_one(cold):
     warm = run(["--context-ram-gb", "0.0001"])
     assert [a["choices"][0]["text"] for a in warm] == [a["choices"][0]["text"] for a in cold]
     assert warm[-1]["offload_runtime"]["contexts"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--context-ram-gb", "-1"], "--context-ram-gb must be a number >= 0, got -1.0"),
+    (["--context-ram-gb", "nan"], "--context-ram-gb must be a number >= 0, got nan"),
+    (["--context-ram-gb", "1", "--emulate-link", "1"], "--context-ram-gb keeps several contexts on CPU only")])
+def test_bad_context_ram_is_one_line(capsys, argv, message):
+    args = ["--model", str(ASSETS / "stories260K"), "--device", "cpu", "--port", "0", *argv]
+    assert serve.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err

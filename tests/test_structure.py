@@ -25,6 +25,12 @@ def package_of(path: Path) -> tuple[str, ...]:
     return path.relative_to(ROOT).with_suffix("").parts[:-1]
 
 
+def from_base(node: ast.ImportFrom, package: tuple[str, ...]) -> str:
+    """The module a `from X import ...` names, relative imports resolved against `package`."""
+    base = package[: len(package) - node.level + 1] if node.level else ()
+    return ".".join(base + ((node.module,) if node.module else ()))
+
+
 def imported_modules(source: str, package: tuple[str, ...]) -> set[str]:
     """Absolute names of the modules a file imports (relative imports resolved against `package`)."""
     names = set()
@@ -32,8 +38,7 @@ def imported_modules(source: str, package: tuple[str, ...]) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = package[: len(package) - node.level + 1] if node.level else ()
-            names.add(".".join(base + ((node.module,) if node.module else ())))
+            names.add(from_base(node, package))
     return names
 
 
@@ -126,13 +131,13 @@ def import_graph(root: Path, package: str) -> dict[str, set[str]]:
     mods = {name(p): p for p in (root / package).rglob("*.py")}
     graph = {}
     for mod, path in mods.items():
-        here = (mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]).split(".")
+        here = tuple((mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]).split("."))
         found = set()
         for node in _runtime_imports(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 found |= {a.name for a in node.names}
                 continue
-            base = ".".join((here[: len(here) - node.level + 1] if node.level else []) + ([node.module] if node.module else []))
+            base = from_base(node, here)
             found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names}
         graph[mod] = {m for m in found if m in mods and m != mod}
     return graph

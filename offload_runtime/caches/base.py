@@ -127,6 +127,10 @@ class FullKVCache(KVCache):
     def end_prefill(self) -> None:
         """The prefill is done: later traffic is the decode's."""
 
+    def close(self) -> None:
+        """The cache's last use: stop what it runs beside the compute (a copy engine) now, in order,
+        before the interpreter exits. Copies not yet run are dropped."""
+
     def report(self, new_tokens: int, l3_seconds: float | None) -> dict:
         """Traffic statistics for an answer's result (none for an on-device cache)."""
         return {}

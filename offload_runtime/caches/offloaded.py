@@ -46,14 +46,11 @@ class OffloadedCache(FullKVCache):
             raise ValueError(f"capacity must be positive, got {capacity}")
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.capacity, self.on_chip_layers = capacity, on_chip_layers
-        self.length = 0
-        self._pass_begun = False  # layer_ready(0) started the next pass's copies
-        self.backend = backend if backend is not None else make_backend(self.device)
-        self.link_gbps = link_gbps
+        self.length, self._pass_begun = 0, False  # _pass_begun: layer_ready(0) started the next pass's copies
+        self.backend, self.link_gbps = backend if backend is not None else make_backend(self.device), link_gbps
         row = (2, cfg.num_kv_heads, cfg.head_dim)
         n_off = cfg.num_layers - on_chip_layers
-        self.on_chip: list[torch.Tensor] = []
-        self.pipeline: LayerPipeline | None = None
+        self.on_chip, self.pipeline = [], None  # list[Tensor], LayerPipeline | None
         try:
             self.on_chip = [torch.empty((capacity,) + row, dtype=dtype, device=self.device)
                             for _ in range(on_chip_layers)]
@@ -145,6 +142,9 @@ class OffloadedCache(FullKVCache):
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} rows to {length}")
         self.length, self._pass_begun = length, False  # (a stepped pass abandoned before layer 0: restart)
+
+    def close(self) -> None:
+        self.backend.close(cancel=True)
 
     # -- reports ------------------------------------------------------------------------------------
     def begin_prefill(self) -> None:

@@ -69,6 +69,9 @@ class Backend:
         self.stats = TransferStats()
         self.trace: list[tuple] | None = [] if trace else None
 
+    def close(self, cancel: bool = False) -> None:
+        """Stop this backend's copy engine, if it has one (the emulated link's thread)."""
+
     def log(self, *entry: Any) -> None:
         if self.trace is not None:
             self.trace.append(entry)

@@ -199,9 +199,7 @@ class EngineWorker:
         self.cancel_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
         for session in self.pool.sessions:
-            close = getattr(getattr(session.full, "backend", None), "close", None)
-            if close is not None:
-                close(cancel=True)
+            session.full.close()
 
     def _run(self, request: Request) -> Completion:
         served, waited = next(self._served), time.perf_counter() - request.received
