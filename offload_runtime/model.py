@@ -263,9 +263,9 @@ class CausalLM(nn.Module):
         chunk_tokens = chunk_tokens or prefill_chunk(self.cfg.kv_groups, end)
         x, cos, sin = self._embed(tokens, cache)
         layers = self.model.layers
-        bar = tqdm(total=len(layers) * n, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr,
-                   disable=not (n >= PROGRESS_MIN_TOKENS if progress is None else progress), leave=False)
-        try:  # (an interrupted prefill clears its bar before the run says `interrupted`)
+        with tqdm(total=len(layers) * n, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr,
+                  disable=not (n >= PROGRESS_MIN_TOKENS if progress is None else progress),
+                  leave=False) as bar:  # (an interrupted prefill clears its bar before the run says `interrupted`)
             for i, layer in enumerate(layers):
                 k_buf, v_buf = cache.open_layer(i, n)
                 writer = LayerWriter(k_buf, v_buf, start, self.cfg.sliding_windows[i])
@@ -278,7 +278,5 @@ class CausalLM(nn.Module):
                 if on_layer is not None:
                     on_layer(i, k_buf[:, :end], v_buf[:, :end], writer.recent[:, -1])
                 cache.close_layer(i, start, end)
-        finally:
-            bar.close()
         cache.advance(n)
         return self._head(x[-1:])
