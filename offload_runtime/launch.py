@@ -4,11 +4,13 @@ and the server start runs here; the demo and the benchmarks take its loading and
 
 Order matters: `prepare` reads the config and tokenizer and plans memory first, so a request that
 cannot fit is refused (a UserError) before anything large is allocated; `load_models` then loads;
-`make_session` builds each Session over the planned cache.
+`make_session` builds each Session over a planned cache of its own (`Job.new_cache`: the server's
+several contexts each own one, as the plan counted them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -54,9 +56,11 @@ def offloaded_cache(cfg: Any, device: torch.device | str, dtype: torch.dtype, ca
 
 
 def plan_run(config: RunConfig, device: torch.device, path: Path, hf: Any, n_prompt: int,
-             tp: int = 1) -> tuple[Plan, bool]:
+             tp: int = 1, context_ram: int = 0) -> tuple[Plan, bool]:
     """Plan memory before any weight or cache is allocated: (plan, whether the L3 cache is host-resident).
-    Refuses (UserError) what does not fit, so nothing is left half-allocated."""
+    Refuses (UserError) what does not fit, so nothing is left half-allocated. context_ram: the server's
+    --context-ram-gb in bytes (planner._contexts); on a GPU its contexts' full caches live in host
+    memory (--offload auto means on)."""
     from . import loading
     from .config import ModelConfig
     from .planner import plan_memory, probe_resources
@@ -74,45 +78,53 @@ def plan_run(config: RunConfig, device: torch.device, path: Path, hf: Any, n_pro
     if needed > context:
         raise UserError(f"context of {needed} tokens (prompt {n_prompt} + {new} new"
                         f"{f' + {slots} verification slots' if slots else ''}) is longer than --max-context {context}")
-    on_chip = memory.on_chip_layers
+    on_chip, offload = memory.on_chip_layers, memory.offload
+    if context_ram and device.type == "cuda" and offload == "auto":
+        offload = "on"
     if memory.emulate_link is not None and on_chip is None:
         on_chip = 0  # the emulated link carries the whole cache unless --on-chip-layers says otherwise
     plan = plan_memory(cfg, dtype, context, probe_resources(device), new_tokens=new + slots,
                        budget=config.engine.budget, draft_cfg=draft_cfg, draft_window=config.engine.window, tp=tp,
-                       on_chip_layers=on_chip, offload=memory.offload)
+                       on_chip_layers=on_chip, offload=offload, context_ram=context_ram)
     check_link_time(memory.emulate_link, plan.pinned_host)
-    return plan, bool(plan.offload or memory.offload == "on" or on_chip is not None or memory.emulate_link is not None)
+    return plan, bool(plan.offload or offload == "on" or on_chip is not None or memory.emulate_link is not None)
 
 
 @dataclass
 class Job:
     """What is known before any weight is loaded: the device, the request's tokens and the memory plan;
-    then the L3 cache the plan asks for (build_cache; None: the growing on-device FullCache). The plan
-    is the one source of truth for where layers live: the cache is built with its on-chip layers."""
+    then the L3 caches the plan asks for, one per context (new_cache; None: the growing on-device
+    FullCache). The plan is the one source of truth for where layers live: each cache is built with
+    its on-chip layers, and the plan counted `plan.contexts` of them."""
     device: torch.device
     prompt_ids: list[int] | None
     plan: Plan
     offload: bool  # the L3 cache is an OffloadedCache of plan.context tokens
     emulate_link: float | None = None  # GB/s of an EMULATED link (CPU): the whole cache crosses it by default
-    cache: Any = None
+    caches: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # the caches built and still alive
 
-    def build_cache(self, model: Any) -> OffloadedCache | None:
-        """The planned L3 cache for the loaded model (built once), or None for a growing FullCache."""
-        if self.offload and self.cache is None:
-            self.cache = offloaded_cache(model.cfg, self.device, model.dtype, self.plan.context,
-                                         self.plan.on_chip_layers, self.emulate_link)
-        return self.cache
+    def new_cache(self, model: Any) -> OffloadedCache | None:
+        """A new planned L3 cache for the loaded model (each context owns one; its owner closes it when
+        it drops the context, Job.close any still alive), or None for a growing FullCache."""
+        if not self.offload:
+            return None
+        cache = offloaded_cache(model.cfg, self.device, model.dtype, self.plan.context, self.plan.on_chip_layers,
+                                self.emulate_link)
+        self.caches.add(cache)
+        return cache
 
     def close(self) -> None:
-        """Stop the cache's copy engine (an emulated link's thread) now, in order, before the interpreter
+        """Stop the caches' copy engines (an emulated link's thread) now, in order, before the interpreter
         exits: copies not yet run are dropped (the run is over)."""
-        if self.cache is not None:
-            self.cache.close()
+        for cache in list(self.caches):
+            cache.close()
 
 
-def prepare(config: RunConfig, prompt: str | None, document: str | None, device: torch.device, tp: int = 1) -> Job:
+def prepare(config: RunConfig, prompt: str | None, document: str | None, device: torch.device, tp: int = 1,
+            context_ram: int = 0) -> Job:
     """Config, tokenizer and memory plan first: refuse before any weight or cache is allocated. `prompt`:
-    a single shot's whole prompt; else a chat's (or the server's) conversations over `document`."""
+    a single shot's whole prompt; else a chat's (or the server's) conversations over `document`;
+    context_ram: the server's --context-ram-gb in bytes (its contexts, each planned as a chat's)."""
     from . import loading
     from .config import ModelConfig
     from .request import check_request
@@ -139,7 +151,7 @@ def prepare(config: RunConfig, prompt: str | None, document: str | None, device:
             source = "--max-context" if limit == max_context else "the model's context"
             raise UserError(f"--max-new-tokens {new} leaves no room for a chat turn in {source} of {limit} tokens")
         planned = max(n_doc, min(room, n_doc + CHAT_HEADROOM))
-    plan, offload = plan_run(config, device, path, hf, planned, tp)
+    plan, offload = plan_run(config, device, path, hf, planned, tp, context_ram)
     return Job(device, prompt_ids, plan, offload, config.memory.emulate_link)
 
 
@@ -182,13 +194,13 @@ def open_kv_store(config: RunConfig, model: Any) -> KVStore | None:
 
 def make_session(config: RunConfig, job: Job, target: LoadedModel, draft: LoadedModel | None,
                  capacity: int = 0) -> Session:
-    """A Session over the planned L3 cache (single shot, chat and each of the server's contexts alike);
-    `capacity`: tokens to reserve in a growing on-device cache."""
+    """A Session over a planned L3 cache of its own (single shot, chat and each of the server's contexts
+    alike); `capacity`: tokens to reserve in a growing on-device cache."""
     import torch
 
     from .session import Session
 
     generator = torch.Generator(device=job.device).manual_seed(config.generation.seed)
     return Session(target.model, draft.model if draft else None, config.generation.sampling(), target.eos_ids,
-                   config.engine, generator, config.mode, cache=job.build_cache(target.model), capacity=capacity,
+                   config.engine, generator, config.mode, cache=job.new_cache(target.model), capacity=capacity,
                    kv_store=open_kv_store(config, target.model))

@@ -5,12 +5,14 @@ counts the GPU's share (weights, retrieval cache, draft, slabs, activations, a f
 reserve for the CUDA context and allocator) and the host's share (the offloaded layers'
 full cache, pinned), picks the on-chip layers (`--on-chip-layers auto`: as many as fit
 after everything else) and refuses, with one line naming the numbers, a plan that does
-not fit. GPU memory comes from pynvml (nvidia-ml-py), host memory from psutil; without
-an NVIDIA driver (or with --device cpu) it plans for the CPU: everything in host memory.
+not fit. The server's several contexts (--context-ram-gb) each count their own caches, the
+weights once (`_contexts`). GPU memory comes from pynvml (nvidia-ml-py), host memory from
+psutil; without an NVIDIA driver (or with --device cpu) it plans for the CPU: everything in
+host memory.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -124,9 +126,12 @@ class Plan:
     reserve: int
     gpu_needed: int
     gpu_free: int
-    pinned_host: int  # host-resident full cache (pinned on CUDA), this process
-    host_needed: int  # everything this machine's RAM must hold (all TP ranks)
+    pinned_host: int  # host-resident full cache (pinned on CUDA) of one context, this process
+    host_needed: int  # everything this machine's RAM must hold (all TP ranks, every context)
     host_available: int
+    contexts: int = 1  # contexts planned, each with its own full, retrieval and draft caches (--context-ram-gb)
+    context_ram: int = 0  # one context's full cache in host memory (what --context-ram-gb counts)
+    contexts_asked: int = 1  # contexts --context-ram-gb asked for (more than `contexts`: the machine holds fewer)
 
     @property
     def offload(self) -> bool:
@@ -146,10 +151,22 @@ class Plan:
                 f"slabs {g(self.slabs)}, on-chip KV {g(self.on_chip_kv)}); pinned host {g(self.pinned_host)} GiB")
 
 
+def _activations(cfg: ModelConfig, b: int, context: int, prompt: int, tp: int) -> int:
+    """The layer-major prefill's activations: the prompt's hidden states and rotary tables, one chunk's
+    activations and attention mask (SDPA on CUDA), logits of a verification block."""
+    chunk = min(PREFILL_CHUNK, max(prompt, 1))
+    return (context * (cfg.hidden_size + 2 * cfg.head_dim) * b
+            + chunk * (4 * cfg.hidden_size + 3 * cfg.intermediate_size // tp) * b
+            + min(3 * cfg.kv_groups * chunk * context, MASK_BYTES)
+            + cfg.vocab_size * 64 * 4)
+
+
 def _layout(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, *, new_tokens: int, budget: int,
             draft_cfg: ModelConfig | None, draft_window: int, tp: int, on_chip: int | None,
-            offload: str) -> Plan:
-    """The plan for one context length (no checks); on_chip None = as many as fit."""
+            offload: str, contexts: int = 1) -> Plan:
+    """The plan for one context length (no checks); on_chip None = as many as fit. `contexts`: how many
+    contexts (the server's --context-ram-gb) each hold their own full, retrieval and draft caches; the
+    weights and the prefill's activations are counted once."""
     b = dtype_bytes(dtype)
     layers = cfg.num_layers
     layer_kv = FullCache.planned_bytes(cfg, dtype, context, layers=1, tp=tp)  # one layer, this rank
@@ -158,40 +175,33 @@ def _layout(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, 
     weights = ((count_parameters(cfg) - vocab_params) // tp + vocab_params) * b
     prompt = max(0, context - new_tokens)
     retrieval = RetrievalCache.planned_bytes(cfg, dtype, prompt, budget, new_tokens, tp)
-    draft = 0
+    draft_weights = draft_kv = 0
     if draft_cfg is not None:
-        draft = count_parameters(draft_cfg) * b + StreamingCache.planned_bytes(draft_cfg, dtype, draft_window)
-    chunk = min(PREFILL_CHUNK, max(prompt, 1))
-    # layer-major prefill: the prompt's hidden states and rotary tables, one chunk's activations and
-    # attention mask (SDPA on CUDA), logits of a verification block
-    activations = (context * (cfg.hidden_size + 2 * cfg.head_dim) * b
-                   + chunk * (4 * cfg.hidden_size + 3 * cfg.intermediate_size // tp) * b
-                   + min(3 * cfg.kv_groups * chunk * context, MASK_BYTES)
-                   + cfg.vocab_size * 64 * 4)
+        draft_weights = count_parameters(draft_cfg) * b
+        draft_kv = StreamingCache.planned_bytes(draft_cfg, dtype, draft_window)
+    draft, activations = draft_weights + draft_kv, _activations(cfg, b, context, prompt, tp)
+    shared, each = weights + draft_weights + activations, retrieval + draft_kv  # once; per context
     if res.device == "cpu":
         # host and "device" are the same memory: nothing to gain, offload only when asked
         n_on = on_chip if on_chip is not None else (0 if offload == "on" else layers)
-        n_off = layers - n_on
         on_kv, slabs, pinned = OffloadedCache.planned_bytes(cfg, dtype, context, n_on, tp)
-        host = weights + retrieval + draft + activations + on_kv + pinned + slabs
-        return Plan("cpu", context, n_on, n_off, weights, retrieval, draft, on_kv, slabs, activations, 0,
-                    0, 0, pinned, host * tp, res.host_available)
-    fixed = weights + retrieval + draft + activations + CUDA_RESERVE
+        ram = on_kv + slabs + pinned  # one context's full cache, all of it in RAM
+        return Plan("cpu", context, n_on, layers - n_on, weights, retrieval, draft, on_kv, slabs, activations, 0,
+                    0, 0, pinned, (shared + contexts * (each + ram)) * tp, res.host_available, contexts, ram)
+    fixed = shared + contexts * each + CUDA_RESERVE
+    auto_on = (res.gpu_free - fixed - contexts * SLABS * layer_kv) // max(contexts * layer_kv, 1)
     if offload == "off":
         n_on = layers
     elif on_chip is not None:
         n_on = on_chip
-    elif offload == "on":
-        n_on = max(0, min(layers - 1, (res.gpu_free - fixed - SLABS * layer_kv) // max(layer_kv, 1)))
-    elif fixed + layers * layer_kv <= res.gpu_free:
-        n_on = layers  # everything fits: no offloading
+    elif offload == "on" or fixed + contexts * layers * layer_kv > res.gpu_free:
+        n_on = max(0, min(layers - 1, auto_on))
     else:
-        n_on = max(0, min(layers - 1, (res.gpu_free - fixed - SLABS * layer_kv) // max(layer_kv, 1)))
-    n_off = layers - n_on
+        n_on = layers  # everything fits: no offloading
     on_kv, slabs, pinned = OffloadedCache.planned_bytes(cfg, dtype, context, n_on, tp)
-    gpu = fixed + on_kv + slabs
-    return Plan(res.device, context, n_on, n_off, weights, retrieval, draft, on_kv, slabs, activations, CUDA_RESERVE,
-                gpu, res.gpu_free, pinned, pinned * tp, res.host_available)
+    gpu = fixed + contexts * (on_kv + slabs)
+    return Plan(res.device, context, n_on, layers - n_on, weights, retrieval, draft, on_kv, slabs, activations,
+                CUDA_RESERVE, gpu, res.gpu_free, pinned, contexts * pinned * tp, res.host_available, contexts, pinned)
 
 
 def host_usable(available: int) -> int:
@@ -205,9 +215,10 @@ def _fits(p: Plan) -> bool:
 
 def plan_memory(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, *, new_tokens: int = 0,
                 budget: int = 4096, draft_cfg: ModelConfig | None = None, draft_window: int = 256, tp: int = 1,
-                on_chip_layers: int | None = None, offload: str = "auto") -> Plan:
+                on_chip_layers: int | None = None, offload: str = "auto", context_ram: int = 0) -> Plan:
     """Plan a full cache of `context` tokens; raise UserError naming the numbers if it does not fit.
-    on_chip_layers None = auto; offload auto|on|off."""
+    on_chip_layers None = auto; offload auto|on|off; context_ram: bytes of full caches the server may
+    keep in host memory (--context-ram-gb; 0: one context), see _contexts."""
     if on_chip_layers is not None and not 0 <= on_chip_layers <= cfg.num_layers:
         raise UserError(f"--on-chip-layers {on_chip_layers} must be between 0 and the model's {cfg.num_layers} layers")
     if offload == "off" and on_chip_layers is not None and on_chip_layers < cfg.num_layers:
@@ -220,7 +231,7 @@ def plan_memory(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resourc
               on_chip=on_chip_layers, offload=offload)
     plan = _layout(cfg, dtype, context, res, **kw)
     if _fits(plan):
-        return plan
+        return _contexts(cfg, dtype, context, res, plan, context_ram, kw) if context_ram else plan
     g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
     hint = _max_context_hint(cfg, dtype, context, res, kw)
     avail = host_usable(plan.host_available)
@@ -237,6 +248,34 @@ def plan_memory(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resourc
                         f"{g(plan.activations)}, reserve {g(plan.reserve)}), {g(plan.gpu_free)} GiB free{hint}")
     raise UserError(f"needs {g(plan.host_needed)} GiB of pinned host memory for {context} tokens "
                     f"({plan.offloaded_layers} offloaded layers), {g(avail)} GiB available{hint}")
+
+
+def _contexts(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, one: Plan, ram: int,
+              kw: dict) -> Plan:
+    """The server's contexts in RAM: as many as `ram` bytes hold of full caches (`one.context_ram` each),
+    each counted with its own full, retrieval and draft caches (on a GPU: its on-chip layers and slabs
+    too). Fewer when the machine holds fewer (the plan's `contexts_asked` says how many were asked); a
+    UserError when not even two fit. A budget below two contexts keeps one, as without the flag."""
+    g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
+    if one.context_ram == 0:
+        raise UserError(f"--context-ram-gb keeps each context's full cache in host memory, but this plan holds all "
+                        f"{cfg.num_layers} layers on the GPU (--offload off or --on-chip-layers {cfg.num_layers})")
+    asked = ram // one.context_ram
+    if asked < 2:
+        return one
+    plan = lambda k: _layout(cfg, dtype, context, res, **kw, contexts=k)  # noqa: E731
+    if not _fits(two := plan(2)):
+        gpu = two.device != "cpu" and two.gpu_needed > two.gpu_free
+        need, have = (two.gpu_needed, two.gpu_free) if gpu else (two.host_needed, host_usable(two.host_available))
+        raise UserError(f"--context-ram-gb {ram / GiB:g} asks for {asked} contexts of {g(one.context_ram)} GiB, but "
+                        f"two need {g(need)} GiB of {'GPU' if gpu else 'host'} memory for {context} tokens each, "
+                        f"{g(have)} GiB {'free' if gpu else 'available'}; serve one context (no --context-ram-gb) "
+                        f"or plan shorter ones (--max-context)")
+    lo, hi = (asked, asked) if _fits(plan(asked)) else (2, asked)  # the most that fit: lo fits, hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _fits(plan(mid)) else (lo, mid)
+    return replace(plan(lo), contexts_asked=asked)
 
 
 def _max_context_hint(cfg: ModelConfig, dtype: torch.dtype, context: int, res: Resources, kw: dict) -> str:

@@ -40,15 +40,23 @@ def first_chat_message(inputs: Inputs) -> str | None:
     return read_text(inputs.prompt_file, "prompt file") if inputs.prompt_file else inputs.prompt
 
 
-def generate_once(config: RunConfig, job: Job, target: Any, draft: Any, stream: bool = True) -> dict:
-    """The single shot: the prompt prefilled, the answer generated (streamed unless --json)."""
+def answer_session(config: RunConfig, job: Job, target: Any, draft: Any) -> Any:
+    """The single shot's Session: its planned L3 cache allocated now (a growing one reserved for the answer)."""
+    from .generate import answer_capacity
+
+    capacity = answer_capacity(len(job.prompt_ids), config.generation.max_new_tokens, config.engine, config.mode)
+    return make_session(config, job, target, draft, capacity=capacity)
+
+
+def generate_once(config: RunConfig, job: Job, target: Any, session: Any, stream: bool = True) -> dict:
+    """The single shot over `session` (answer_session): the prompt prefilled, the answer generated
+    (streamed unless --json)."""
     from .console import TextStreamer
-    from .generate import answer, answer_capacity
+    from .generate import answer
 
     prompt_ids, new = job.prompt_ids, config.generation.max_new_tokens
     stream = TextStreamer(target.tokenizer) if stream and not config.output.json else None
-    capacity = answer_capacity(len(prompt_ids), new, config.engine, config.mode)
-    result = answer(make_session(config, job, target, draft, capacity=capacity), prompt_ids, new, stream)
+    result = answer(session, prompt_ids, new, stream)
     if stream:
         stream.finish()
     result.stats["memory_plan"] = job.plan.as_dict()
@@ -117,7 +125,7 @@ def _run(argv: Sequence[str] | None, jobs: list) -> int:
     target, draft = load_models(config, job.device)
     if chatting:
         return chat(config, job, document, first, target, draft)
-    print_result(generate_once(config, job, target, draft), config)
+    print_result(generate_once(config, job, target, answer_session(config, job, target, draft)), config)
     return 0
 
 
@@ -190,14 +198,14 @@ def _run_rank(argv: Sequence[str] | None, rank0: bool) -> int:
         try:
             job = prepare(config, prompt_text(config.inputs), None, device, tp.current_world_size())
             target, draft = load_models(config, device, transform=tp.shard)
-            job.build_cache(target.model)  # allocate each rank's host cache now: a failure is agreed on
+            session = answer_session(config, job, target, draft)  # each rank's host cache now: a failure is agreed on
             error = None
         except UserError as exc:
             error = str(exc)
         error = tp.first_error(error)  # every rank learns of an error on any rank
         if error is not None:
             raise UserError(error)
-        out = generate_once(config, job, target, draft, stream=rank0)
+        out = generate_once(config, job, target, session, stream=rank0)
         if rank0:
             print_result(out, config)
         return 0

@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig
 
 from offload_runtime import planner
+from offload_runtime.caches.streaming import StreamingCache
 from offload_runtime.config import ModelConfig
 from offload_runtime.errors import UserError
 from offload_runtime.planner import GiB, Resources, plan_memory
@@ -202,3 +203,77 @@ def test_cli_offloaded_run_reports_transfers(capsys, checkpoint, mode):
     assert s["offloaded_layers"] == 1 and s["on_chip_layers"] == 1 and s["cache_capacity_tokens"] == 500
     assert s["h2d_bytes"] > 0 and s["h2d_bytes_per_token"] > 0 and s["prefill_d2h_bytes"] > 0
     assert s["link_gbps"] is None  # no link on CPU
+
+
+# -- the server's several contexts (--context-ram-gb): each counted with its own caches --------------
+
+CTX_8K_KV = 32 * 8192 * 2 * 32 * 128 * 2  # Llama-2-7B's full cache at 8K tokens in fp16: 4 GiB
+
+
+def plan_cpu_8k(host_gib: float, ram_gib: float):
+    return plan_memory(LLAMA2_7B, torch.float16, 8192, Resources("cpu", int(host_gib * GiB)), new_tokens=256,
+                       context_ram=int(ram_gib * GiB))
+
+
+def test_each_context_counts_its_full_and_retrieval_caches():
+    one, two = plan_cpu_8k(64, 0), plan_cpu_8k(64, 10)  # 10 GiB: two 4 GiB caches
+    assert one.context_ram == CTX_8K_KV == 4 * GiB and (one.contexts, one.contexts_asked) == (1, 1)
+    assert (two.contexts, two.contexts_asked) == (2, 2)
+    assert two.host_needed - one.host_needed == 4 * GiB + one.retrieval  # the weights once
+    assert plan_cpu_8k(64, 7.9) == one  # a budget below two contexts: one, as without the flag
+
+
+def test_a_host_that_holds_fewer_contexts_gets_fewer():
+    plan = plan_cpu_8k(40, 40)  # 10 asked; 38 GiB usable: weights and 4 x (4 GiB + retrieval)
+    assert (plan.contexts, plan.contexts_asked) == (4, 10)
+    assert plan.host_needed <= planner.host_usable(40 * GiB) < plan.host_needed + 4 * GiB + plan.retrieval
+
+
+def test_a_pool_refused_when_two_contexts_do_not_fit_the_host():
+    with pytest.raises(UserError) as err:
+        plan_cpu_8k(20, 40)  # one context (19.0 GiB) fits, two (25.2 GiB) do not
+    assert str(err.value) == ("--context-ram-gb 40 asks for 10 contexts of 4.0 GiB, but two need 25.2 GiB of host "
+                              "memory for 8192 tokens each, 19.0 GiB available; serve one context (no --context-ram-gb) "
+                              "or plan shorter ones (--max-context)")
+
+
+def test_on_a_gpu_each_context_holds_its_on_chip_layers_slabs_and_retrieval_cache():
+    res = Resources("cuda", 128 * GiB, **RTX_4090)
+    kw = dict(new_tokens=256, draft_cfg=LLAMA_68M, offload="on")
+    one = plan_memory(LLAMA2_7B, torch.float16, 32768, res, **kw)
+    pool = plan_memory(LLAMA2_7B, torch.float16, 32768, res, **kw, context_ram=64 * GiB)
+    assert one.on_chip_layers == 12 and one.context_ram == one.pinned_host == 20 * 32768 * 2 * 32 * 128 * 2
+    # 6 asked (64 GiB of 10 GiB caches); a third context's slabs and 2.25 GiB retrieval cache overflow the card
+    assert (pool.contexts, pool.contexts_asked, pool.on_chip_layers) == (2, 6, 2)
+    assert pool.context_ram == pool.pinned_host == 30 * 32768 * 2 * 32 * 128 * 2  # 15 GiB each
+    assert pool.host_needed == 2 * pool.pinned_host and pool.gpu_needed <= pool.gpu_free
+    # a second context's retrieval and draft caches; 2 x (2 on-chip layers + 2 slabs) of 0.5 GiB, not 12 + 2
+    draft_kv = StreamingCache.planned_bytes(LLAMA_68M, torch.float16, 256)
+    assert pool.gpu_needed - one.gpu_needed == pool.retrieval + draft_kv + 8 * GiB // 2 - 14 * GiB // 2
+    with pytest.raises(UserError, match=r"^--context-ram-gb 128 asks for 2 contexts of 62.0 GiB, but two need 27.7 GiB "
+                                        r"of GPU memory for 131072 tokens each, 23.5 GiB free; serve one context"):
+        plan_memory(LLAMA2_7B, torch.float16, CTX, res, **kw, context_ram=128 * GiB)  # two contexts' slabs: 8 GiB
+    with pytest.raises(UserError, match=r"^--context-ram-gb keeps each context's full cache in host memory, but this "
+                                        r"plan holds all 32 layers on the GPU \(--offload off or --on-chip-layers 32\)$"):
+        plan_memory(LLAMA2_7B, torch.float16, 8192, res, new_tokens=256, on_chip_layers=32, context_ram=64 * GiB)
+
+
+def test_on_a_gpu_a_pool_offloads_the_full_cache(checkpoint, monkeypatch):
+    """--context-ram-gb on CUDA: --offload auto plans the contexts' full caches in host memory even when
+    one would fit on the GPU (they are what the flag keeps in RAM); --offload off is refused."""
+    from offload_runtime import launch, loading
+    from offload_runtime.cli_args import parse_serve_args
+
+    res = Resources("cuda", 64 * GiB, gpu_total=8 * GiB, gpu_free=8 * GiB)
+    monkeypatch.setattr(planner, "probe_resources", lambda device: res)
+    path = checkpoint("llama")
+    hf = loading.load_hf_config(path)
+    config = parse_serve_args(["--model", str(path)]).run
+    cuda = torch.device("cuda")
+    alone, offload = launch.plan_run(config, cuda, path, hf, 100)
+    assert not offload and alone.offloaded_layers == 0
+    pool, offload = launch.plan_run(config, cuda, path, hf, 100, context_ram=GiB)
+    assert offload and pool.offloaded_layers > 0 and pool.contexts == pool.contexts_asked > 2
+    off = parse_serve_args(["--model", str(path), "--offload", "off"]).run
+    with pytest.raises(UserError, match="--context-ram-gb keeps each context's full cache in host memory"):
+        launch.plan_run(off, cuda, path, hf, 100, context_ram=GiB)
