@@ -28,18 +28,29 @@ def build(config: ServeConfig) -> tuple[Any, Any]:
     from .server.engine import ContextPool, EngineWorker
 
     transformers.logging.set_verbosity_error()
-    run = config.run
-    job = prepare(run, None, None, pick_device(run.memory.device))  # planned as the chat plans a conversation
+    run, ram = config.run, int(config.context_ram_gb * 2**30)
+    # each context planned as the chat plans a conversation; with --context-ram-gb, as many as the plan holds
+    job = prepare(run, None, None, pick_device(run.memory.device), context_ram=ram)
+    note = contexts_note(job.plan)
+    if note:
+        print(note, file=sys.stderr)
     target, draft = load_models(run, job.device)
-    if config.context_ram_gb > 0 and (job.device.type == "cuda" or job.offload):
-        raise UserError("--context-ram-gb keeps several contexts on CPU only, without a host-resident cache "
-                        "(--offload on, --emulate-link), for now")
     first = make_session(run, job, target, draft)
-    contexts = ContextPool(first, lambda: make_session(run, job, target, draft), int(config.context_ram_gb * 2**30))
+    make = (lambda: make_session(run, job, target, draft)) if ram else None
+    contexts = ContextPool(first, make, min(ram, job.plan.contexts * job.plan.context_ram))
     worker = EngineWorker(first, target.tokenizer, target.eos_ids, job.device, run.generation.seed, contexts)
     app_config = ServerConfig(config.model_name, run.generation, config.api_key, int(config.max_body_mb * (1 << 20)),
                               config.read_timeout)
     return create_app(worker, app_config), worker
+
+
+def contexts_note(plan: Any) -> str | None:
+    """The line saying this machine holds fewer contexts than --context-ram-gb asked for (None: all fit)."""
+    if plan.contexts >= plan.contexts_asked:
+        return None
+    return (f"note: --context-ram-gb asks for up to {plan.contexts_asked} contexts; this machine's memory holds "
+            f"{plan.contexts} ({plan.context_ram / 2**30:.1f} GiB of full cache in host memory each): keeping at most "
+            f"{plan.contexts}")
 
 
 def make_server(app: Any, worker: Any, host: str, port: int, read_timeout: float, log_level: str = "info") -> Any:

@@ -106,21 +106,34 @@ class AnswerText:
 
 
 def context_bytes(session: Any) -> int:
-    """Bytes of a context's full cache as allocated (its rows, every layer)."""
-    from ..caches.base import kv_row_bytes
+    """Host-memory bytes of a context's full cache as allocated, what --context-ram-gb counts (the
+    planner's Plan.context_ram): an offloaded cache's planned bytes, not its used rows (its host layers;
+    on a CPU, where the "device" is host memory too, also its on-chip layers and slabs); a growing
+    FullCache's allocated rows (CPU: on a GPU the pool holds offloaded caches only)."""
+    from ..caches.full import FullCache
+    from ..caches.offloaded import OffloadedCache
 
-    cfg = session.target.cfg
-    return session.full.capacity * cfg.num_layers * kv_row_bytes(cfg, session.target.dtype)
+    full, cfg, dtype = session.full, session.target.cfg, session.target.dtype
+    if isinstance(full, OffloadedCache):
+        on_chip, slabs, host = OffloadedCache.planned_bytes(cfg, dtype, full.capacity, full.on_chip_layers)
+        return host + (on_chip + slabs if full.device.type == "cpu" else 0)
+    return FullCache.planned_bytes(cfg, dtype, full.capacity)
 
 
 class ContextPool:
     """The server's contexts in RAM, least recently used first. A request goes to the context that
     shares most of its tokens (a follow-up question, another question over the same document); a
     request for another document gets an empty context, a new one while they fit in `max_bytes`,
-    or else the least recently used one (with --kv-store its rows come back from disk later)."""
+    or else the least recently used one, cut back and refilled in the memory it holds (with --kv-store
+    its rows come back from disk later). Contexts held past `max_bytes` (a growing cache outgrew it)
+    are dropped, least recently used first, their caches closed (an emulated link's thread stopped)."""
 
     def __init__(self, first: Any, make: Callable[[], Any] | None = None, max_bytes: int = 0) -> None:
         self.sessions, self.make, self.max_bytes = [first], make, max_bytes
+
+    def held(self) -> int:
+        """Bytes of host memory the contexts' full caches hold (context_bytes)."""
+        return sum(map(context_bytes, self.sessions))
 
     def pick(self, ids: list[int]) -> Any:
         shared = {id(s): common_prefix(s.context, ids) for s in self.sessions}
@@ -130,14 +143,21 @@ class ContextPool:
             chosen = best  # it holds (most of) this request's prefix
         elif empty:
             chosen = empty[0]
-        elif sum(map(context_bytes, self.sessions)) + context_bytes(best) <= self.max_bytes:
+        elif self.held() + context_bytes(best) <= self.max_bytes:
             chosen = self.make()
         else:
             chosen = self.sessions[0]
         if chosen in self.sessions:
             self.sessions.remove(chosen)
         self.sessions.append(chosen)
+        while self.make is not None and len(self.sessions) > 1 and self.held() > self.max_bytes:
+            self.sessions.pop(0).full.close()  # (its memory goes with the last reference)
         return chosen
+
+    def close(self) -> None:
+        """Stop every context's copy engine (an emulated link's thread), in order."""
+        for session in self.sessions:
+            session.full.close()
 
 
 def stats_since(session: Any, before: dict) -> dict:
@@ -190,8 +210,7 @@ class EngineWorker:
         """Cancel everything, then stop each context's copy engine (an emulated link's thread) in order."""
         self.cancel_all()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for session in self.pool.sessions:
-            session.full.close()
+        self.pool.close()
 
     def _run(self, request: Request) -> Completion:
         served, waited = next(self._served), time.perf_counter() - request.received
