@@ -118,7 +118,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies are refused (413)")
     g.add_argument("--context-ram-gb", type=float, default=0.0, metavar="GB",
                    help="keep several documents' contexts in host memory, up to this many GB of full caches "
-                   "(0: one context; CPU only for now); with --kv-store the others come back from disk")
+                   "(0: one context; as many as the memory plan holds; on CUDA host-resident: --offload auto "
+                   "means on); with --kv-store the others come back from disk")
     g.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a request's headers, then its body, must arrive within this time (else the connection "
                    "is closed, or 408)")

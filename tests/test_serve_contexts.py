@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,7 +18,9 @@ import pytest
 import torch
 from serve_harness import StatusRecorder
 
-from offload_runtime import planner, serve, trained
+from offload_runtime import loading, planner, serve, trained
+from offload_runtime.caches.full import FullCache
+from offload_runtime.config import ModelConfig
 from offload_runtime.launch import prepare
 from offload_runtime.planner import Resources, host_usable
 from offload_runtime.server import engine
@@ -214,6 +217,32 @@ def test_the_pool_counts_what_the_planner_counted():
             assert engine.context_bytes(worker.session) == one_context(flags).context_ram > 0, flags
         finally:
             worker.close()
+
+
+class ClosedCache(FullCache):
+    """A growing CPU cache that records its close()."""
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_contexts_that_outgrow_the_budget_are_dropped_and_closed():
+    """A growing (CPU) cache can outgrow the budget after its context was made: at the next request the
+    least recently used contexts are dropped, their caches closed, until the others fit."""
+    cfg = ModelConfig.from_hf(loading.load_hf_config(ASSETS / "stories260K"))
+    target = types.SimpleNamespace(cfg=cfg, dtype=torch.float32)
+
+    def context(tokens: list[int], rows: int) -> Any:
+        return types.SimpleNamespace(context=tokens, full=ClosedCache(cfg, "cpu", torch.float32, rows), target=target)
+
+    a, b = context([1] * 100, 256), context([2] * 100, 256)  # 256 rows x 5 layers x 256 bytes each
+    pool = engine.ContextPool(a, lambda: context([], 0), 2 * 256 * 5 * 256)
+    pool.sessions.append(b)
+    assert pool.pick([2] * 100 + [5]) is b and pool.sessions == [a, b]  # the budget holds both
+    b.full.capacity = 512  # b grew (a long answer): the two outgrow the budget
+    assert pool.pick([3] * 100) is a  # another document: the least recently used context, a, taken over
+    assert pool.sessions == [a] and b.full.closed and not a.full.closed  # b, now the least recent, dropped
 
 
 def test_a_machine_that_holds_fewer_contexts_keeps_fewer(monkeypatch, capsys):
