@@ -15,7 +15,7 @@ from offload_runtime.caches import FullCache
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.caches.retrieval import RetrievalCache
 from offload_runtime.errors import UserError
-from offload_runtime.model import fuse_projections
+from offload_runtime.fused import fuse_projections
 from offload_runtime.generate import generate_autoregressive, generate_triforce
 from offload_runtime.run import main
 from offload_runtime.sampling import SamplingParams
