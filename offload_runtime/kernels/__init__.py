@@ -19,7 +19,8 @@ The Triton attention takes any number of queries: decode (gamma+1 queries, the G
 of a KV head packed into one tile, keys split across programs) and prefill (tiles of 64
 queries; key tiles that no query of a tile can see, by position, are skipped).
 TRITON_INTERPRET=1 must be set before the first Triton call: the kernels are compiled or
-interpreted according to it when kernels/triton_kernels.py is first imported (lazily, here).
+interpreted according to it when kernels/triton_kernels.py (which gathers triton_attention.py,
+triton_merge.py and triton_chunks.py) is first imported (lazily, here).
 """
 from __future__ import annotations
 
