@@ -65,14 +65,10 @@ def cache_factory(args: argparse.Namespace, target: Any) -> Any:
     """None (the on-device FullCache), or an OffloadedCache factory (over the emulated link if asked)."""
     if args.offload == "off" and args.emulate_link is None:
         return None
-    from offload_runtime.caches.offloaded import OffloadedCache
-    from offload_runtime.cuda_streams import make_backend
+    from offload_runtime.launch import offloaded_cache
 
     cfg, dev, dtype, gbps = target.cfg, target.device, target.dtype, args.emulate_link
-    if gbps is None:
-        return lambda cap: OffloadedCache(cfg, dev, dtype, cap, 0)
-    return lambda cap: OffloadedCache(cfg, dev, dtype, cap, 0, backend=make_backend(dev, link_gbps=gbps),
-                                      link_gbps=gbps)
+    return lambda cap: offloaded_cache(cfg, dev, dtype, cap, 0, emulate_link=gbps)
 
 
 def story_prompt(args: argparse.Namespace, target: Any, tokenizer: Any) -> list[int]:

@@ -143,8 +143,7 @@ def modelled_row(name: str, context: int, r: dict, link_gbps: float, ar_s: float
 def run_context(args: argparse.Namespace, target: Any, draft: Any, context: int, link_gbps: float,
                 trained_acc: dict) -> list[dict]:
     """One prefill over the emulated link, then every system from it."""
-    from offload_runtime.caches.offloaded import OffloadedCache
-    from offload_runtime.cuda_streams import make_backend
+    from offload_runtime.launch import offloaded_cache
     from offload_runtime.session import Session
     from offload_runtime.settings import EngineSettings
     from offload_runtime.sampling import SamplingParams
@@ -155,8 +154,7 @@ def run_context(args: argparse.Namespace, target: Any, draft: Any, context: int,
     full_budget = -(-capacity // args.chunk_size) * args.chunk_size
     settings = EngineSettings(budget=full_budget, chunk_size=args.chunk_size, gamma=args.gamma,
                               draft_gamma=args.draft_gamma)
-    cache = OffloadedCache(target.cfg, "cpu", target.dtype, capacity, 0,
-                           backend=make_backend("cpu", link_gbps=link_gbps), link_gbps=link_gbps)
+    cache = offloaded_cache(target.cfg, "cpu", target.dtype, capacity, 0, emulate_link=link_gbps)
     session = Session(target, None, SamplingParams(0.0), [], settings, None, "autoregressive", capacity=capacity,
                       cache=cache)
     prompt = make_prompt(context, target.cfg.vocab_size, None)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from offload_runtime.planner import host_available, host_usable
-from offload_runtime.run import auto_or_int
+from offload_runtime.cli_flags import auto_or_int
 
 from . import cost_model
 from .common import RESULTS, machine_info, make_prompt, sync, write_json
@@ -183,11 +183,9 @@ def bench_context(args: argparse.Namespace, hf: Any, target: Any, draft: Any, co
     for rep in range(args.repeats):
         cache = None
         if offload:
-            from offload_runtime.caches.offloaded import OffloadedCache
-            from offload_runtime.cuda_streams import link_bandwidth
+            from offload_runtime.launch import offloaded_cache
 
-            cache = OffloadedCache(target.cfg, device, target.dtype, capacity, args.on_chip_layers,
-                                   link_gbps=link_bandwidth(device) if device.type == "cuda" else None)
+            cache = offloaded_cache(target.cfg, device, target.dtype, capacity, args.on_chip_layers)
         session = Session(target, None, SamplingParams(0.0), [], settings, None, "autoregressive",
                           cache=cache, capacity=capacity)
         if device.type == "cuda":

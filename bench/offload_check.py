@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offload_runtime.caches.offloaded import OffloadedCache  # noqa: E402
 from offload_runtime.config import ModelConfig  # noqa: E402
 from offload_runtime.cuda_streams import LayerPipeline, link_bandwidth, make_backend  # noqa: E402
 from offload_runtime.generate import generate_autoregressive  # noqa: E402
 from offload_runtime.kernels import attention  # noqa: E402
+from offload_runtime.launch import offloaded_cache  # noqa: E402
 from offload_runtime.model import CausalLM  # noqa: E402
 from offload_runtime.sampling import SamplingParams  # noqa: E402
 from offload_runtime.synthetic import hf_config  # noqa: E402
@@ -106,9 +106,8 @@ def end_to_end(layers: int, prompt: int, new_tokens: int, dev: torch.device = to
     out = {}
     on_gpu = generate_autoregressive(model, ids, new_tokens, params, [])
     out["on_gpu"] = {k: on_gpu.stats[k] for k in ("prefill_s", "decode_tokens_per_s")}
-    link = link_bandwidth(dev)
     for on_chip in (0, layers // 2):
-        cache = OffloadedCache(cfg, dev, dtype, prompt + new_tokens, on_chip, link_gbps=link)
+        cache = offloaded_cache(cfg, dev, dtype, prompt + new_tokens, on_chip)  # the device's link, measured once
         r = generate_autoregressive(model, ids, new_tokens, params, [], cache=cache)
         out[f"offloaded_on_chip_{on_chip}"] = {
             k: r.stats[k] for k in ("prefill_s", "decode_tokens_per_s", "h2d_bytes_per_token", "h2d_gbps",

@@ -66,8 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_session(target: Any, args: argparse.Namespace, link_gbps: float | None) -> Any:
     """The full cache offloaded behind the link (emulated at `link_gbps` on the CPU; the real one on CUDA)."""
-    from offload_runtime.caches.offloaded import OffloadedCache
-    from offload_runtime.cuda_streams import make_backend
+    from offload_runtime.launch import offloaded_cache
     from offload_runtime.session import Session
     from offload_runtime.settings import EngineSettings
     from offload_runtime.sampling import SamplingParams
@@ -75,8 +74,7 @@ def make_session(target: Any, args: argparse.Namespace, link_gbps: float | None)
     capacity = args.context + 2 * (args.new_tokens + (args.gamma or AUTO_MAX_GAMMA) + 2)
     settings = EngineSettings(budget=-(-capacity // 8) * 8, chunk_size=8, gamma=args.gamma)
     device = target.device
-    cache = OffloadedCache(target.cfg, device, target.dtype, capacity, 0,
-                           backend=make_backend(device, link_gbps=link_gbps), n_slabs=args.slabs, link_gbps=link_gbps)
+    cache = offloaded_cache(target.cfg, device, target.dtype, capacity, 0, emulate_link=link_gbps, n_slabs=args.slabs)
     session = Session(target, None, SamplingParams(0.0), [], settings, None, "triforce", cache=cache)
     session.extend(make_prompt(args.context, target.cfg.vocab_size, None))
     return session

@@ -17,6 +17,7 @@ import torch
 
 from .caches.base import FullKVCache
 from .caches.retrieval import RetrievalCache
+from .caches.selection import SCORERS
 from .kv_store import KVStore
 from .model import CausalLM
 from .prefill import PREFILL_CHUNK, prefill_layer_major
@@ -48,7 +49,8 @@ class ContextCaches:
             self.retrieval = None
         elif self.retrieval is None:
             t, s = self.target, self.settings
-            self.retrieval = RetrievalCache(t.cfg, t.device, t.dtype, s.budget, s.chunk_size)
+            self.retrieval = RetrievalCache(t.cfg, t.device, t.dtype, s.budget, s.chunk_size,
+                                            scorer=SCORERS[s.selection])
             self.reselect = True
 
     def truncate(self, length: int) -> None:

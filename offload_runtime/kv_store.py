@@ -1,28 +1,22 @@
 """A persistent store of the full cache's K/V rows, keyed by token prefix: a long document is
 prefilled once, then restored from disk on every later open (another question, a restart).
 
-The rows are kept in blocks of BLOCK tokens. Block i's key is a hash chained over the model's
-fingerprint and every token of blocks 0..i (as vLLM keys its prefix-cache blocks), so a context
-finds its longest cached prefix by walking its blocks until one is missing, and a longer version
-of a document reuses the blocks it shares. Each block is one file: a header (format version, the
-fingerprint's digest, the previous key, the block's token ids, shapes, dtype, a CRC32 per layer)
-and the raw K/V rows of every layer. A block that does not check out (corrupt, truncated, another
-model, dtype, weights or format) is skipped with one warning line and deleted; the caller prefills
-from there as if cold, so a bad file can cost time, never a wrong token. Writes go to a temporary
-file renamed into place: a reader or a second writer never sees half a block. A full disk is a
-warning; generation goes on. The store keeps under a byte limit by deleting the least recently
-used blocks (a read refreshes a block's time).
+The rows are kept in blocks of BLOCK tokens, one file each (kv_blocks.py: the file format, the
+chained keys and every check). A context finds its longest cached prefix by walking its blocks until
+one is missing, and a longer version of a document reuses the blocks it shares. A block that does
+not check out (corrupt, truncated, another model, dtype, weights or format) is skipped with one
+warning line and deleted; the caller prefills from there as if cold, so a bad file can cost time,
+never a wrong token. Writes go to a temporary file renamed into place: a reader or a second writer
+never sees half a block. A full disk is a warning; generation goes on. The store keeps under a byte
+limit by deleting the least recently used blocks (a read refreshes a block's time).
+`python -m offload_runtime.kv_store DIR` lists, trims or clears a store.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 import sys
 import time
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,92 +24,37 @@ import torch
 
 from .caches.base import FullKVCache
 from .errors import OneLineParser, UserError, error_line
+from .kv_blocks import (BLOCK, FORMAT, SUFFIX, BadBlock, BlockFiles, atomic_write, block_keys, digest_of,
+                        model_fingerprint)
 from .model import CausalLM
 
-FORMAT = 1
-BLOCK = 256  # tokens per block
-MAGIC = b"ORKVSTR1"
-SUFFIX = ".kvb"
 DEFAULT_MAX_GB = 50.0
-_SAMPLE = 4096  # elements of each weight tensor in the weights digest
 
 
 def _warn(message: str) -> None:
     print(f"warning: kv store: {message}", file=sys.stderr, flush=True)
 
 
-def model_fingerprint(model: CausalLM) -> dict:
-    """What makes cached rows valid for a model: its shape, RoPE, dtype and a digest of its weights
-    (a strided sample of every tensor: a swapped or retrained checkpoint changes it)."""
-    cfg, hf = model.cfg, model.cfg.hf_config
-    digest = hashlib.blake2b(digest_size=16)
-    with torch.no_grad():
-        for name, t in sorted(model.state_dict().items()):
-            flat = t.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE].float().cpu()
-            digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            digest.update(sample.numpy().tobytes())
-    rope = {k: getattr(hf, k, None) for k in ("rope_parameters", "rope_scaling", "rope_theta")}
-    shape = {k: getattr(cfg, k) for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
-                                          "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                                          "max_position_embeddings")}
-    shape["sliding_windows"] = list(cfg.sliding_windows)
-    return {"format": FORMAT, "config": shape, "rope": json.loads(json.dumps(rope, default=str)),
-            "dtype": str(model.dtype).replace("torch.", ""), "weights": digest.hexdigest()}
-
-
-def _digest(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def block_keys(fingerprint_digest: str, tokens: list[int]) -> list[str]:
-    """Chained keys of the full blocks of `tokens`: key i commits to the model and tokens[:(i+1)*BLOCK]."""
-    keys, prev = [], fingerprint_digest
-    for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
-        h = hashlib.sha256(prev.encode())
-        h.update(struct.pack(f"<{BLOCK}q", *tokens[start:start + BLOCK]))
-        prev = h.hexdigest()
-        keys.append(prev)
-    return keys
-
-
-@dataclass
-class BlockHeader:
-    format: int
-    fingerprint: str
-    prev: str
-    tokens: list[int]
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: str
-    crc: list[int]  # CRC32 of each layer's K then V bytes
-
-    def layer_bytes(self) -> int:
-        return 2 * self.kv_heads * BLOCK * self.head_dim * torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
-
-
-class BadBlock(Exception):
-    """A block file that does not check out (the message says why)."""
-
-
 class KVStore:
+    """One model's blocks in a store folder: the longest cached prefix of a context, restored into a
+    full cache; new whole blocks saved; the folder kept under `max_bytes` (least recently used first)."""
+
     def __init__(self, root: str | Path, model: CausalLM, max_bytes: int | None = None,
                  warn: Callable[[str], None] = _warn) -> None:
         """root: the store's folder (created); one subfolder per model fingerprint."""
         self.fingerprint = model_fingerprint(model)
-        self.digest = _digest(self.fingerprint)
+        self.digest = digest_of(self.fingerprint)
+        self.files = BlockFiles(model, self.digest)
         self.root = Path(root)
         self.dir = self.root / f"v{FORMAT}" / self.digest[:32]
         self.max_bytes, self.warn = max_bytes, warn
-        self.cfg, self.dtype = model.cfg, model.dtype
         self.saves_failed = False  # (a full disk warns once, then the store only reads)
         self.restored_tokens = 0  # rows this process restored (reports and tests)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             manifest = self.dir / "model.json"
             if not manifest.exists():
-                _atomic_write(manifest, json.dumps(self.fingerprint, indent=1).encode())
+                atomic_write(manifest, json.dumps(self.fingerprint, indent=1).encode())
         except OSError as exc:
             self.warn(f"cannot use {self.dir}: {exc.strerror or exc}; documents are prefilled as usual")
             self.saves_failed = True
@@ -157,45 +96,11 @@ class KVStore:
         return stop - start
 
     def _read(self, key: str, prev: str, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One block's rows per layer, (K, V) [Hkv, BLOCK, D], after every check."""
+        """One block's rows per layer after every check; its time refreshed (least recently used goes first)."""
         path = self.path(key)
-        with open(path, "rb") as f:
-            head = f.read(len(MAGIC) + 8)
-            if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
-                raise BadBlock(f"{path.name}: not a block file")
-            (n,) = struct.unpack("<Q", head[len(MAGIC):])
-            try:
-                h = BlockHeader(**json.loads(f.read(min(n, 1 << 20))))
-            except (ValueError, TypeError) as exc:
-                raise BadBlock(f"{path.name}: unreadable header ({exc})") from None
-            self._check(h, prev, tokens, path.name)
-            size = h.layer_bytes()
-            raw = torch.empty(h.layers, size, dtype=torch.uint8)  # read straight into tensor memory
-            out = []
-            for layer in range(h.layers):
-                data = raw[layer].numpy()
-                if f.readinto(data) < size:
-                    raise BadBlock(f"{path.name}: truncated at layer {layer}")
-                if zlib.crc32(data) != h.crc[layer]:
-                    raise BadBlock(f"{path.name}: checksum mismatch in layer {layer}")
-                kv = raw[layer].view(self.dtype).view(2, h.kv_heads, BLOCK, h.head_dim)
-                out.append((kv[0], kv[1]))
-            if f.read(1):
-                raise BadBlock(f"{path.name}: trailing bytes")
-        os.utime(path)  # least recently used goes first
-        return out
-
-    def _check(self, h: BlockHeader, prev: str, tokens: list[int], name: str) -> None:
-        cfg = self.cfg
-        if h.format != FORMAT:
-            raise BadBlock(f"{name}: format {h.format}, this runtime reads {FORMAT}")
-        if h.fingerprint != self.digest:
-            raise BadBlock(f"{name}: written for another model, dtype or weights")
-        if (h.layers, h.kv_heads, h.head_dim, h.dtype) != (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                                            str(self.dtype).replace("torch.", "")):
-            raise BadBlock(f"{name}: shapes or dtype differ from the model's")
-        if h.prev != prev or h.tokens != tokens or len(h.crc) != h.layers:
-            raise BadBlock(f"{name}: its tokens are not this context's")
+        rows = self.files.read(path, prev, tokens)
+        os.utime(path)
+        return rows
 
     # -- save ------------------------------------------------------------------------------------------
     def save(self, cache: FullKVCache, tokens: list[int]) -> int:
@@ -208,8 +113,8 @@ class KVStore:
             if self.path(key).exists():
                 continue
             try:
-                _atomic_write(self.path(key), self._block_bytes(cache, i, keys[i - 1] if i else self.digest,
-                                                                 tokens[i * BLOCK:(i + 1) * BLOCK]))
+                atomic_write(self.path(key), self.files.encode(cache, i, keys[i - 1] if i else self.digest,
+                                                               tokens[i * BLOCK:(i + 1) * BLOCK]))
             except OSError as exc:
                 self.warn(f"cannot write to {self.dir} ({exc.strerror or exc}); generation goes on without saving")
                 self.saves_failed = True
@@ -218,17 +123,6 @@ class KVStore:
         if written and self.max_bytes is not None:
             evict(self.root, self.max_bytes)
         return written
-
-    def _block_bytes(self, cache: FullKVCache, i: int, prev: str, tokens: list[int]) -> list:
-        a, b = i * BLOCK, (i + 1) * BLOCK
-        layers = []
-        for layer in range(self.cfg.num_layers):
-            k, v = cache.rows(layer, a, b)
-            layers.append(torch.stack([k, v]).to("cpu").contiguous().view(torch.uint8).numpy())
-        h = BlockHeader(FORMAT, self.digest, prev, list(tokens), self.cfg.num_layers, self.cfg.num_kv_heads,
-                        self.cfg.head_dim, str(self.dtype).replace("torch.", ""), [zlib.crc32(x) for x in layers])
-        header = json.dumps(h.__dict__).encode()
-        return [MAGIC, struct.pack("<Q", len(header)), header, *layers]  # written piece by piece: no joined copy
 
 
 def _append_rows(cache: FullKVCache, blocks: list[list[tuple[torch.Tensor, torch.Tensor]]], skip: int,
@@ -247,20 +141,6 @@ def _append_rows(cache: FullKVCache, blocks: list[list[tuple[torch.Tensor, torch
                 row += BLOCK - a
             cache.close_layer(layer, start, start + n)
         cache.advance(n)
-
-
-def _atomic_write(path: Path, parts: bytes | list) -> None:
-    """Write `parts` (bytes-like, in order) to a temporary file beside `path`, then rename: readers see
-    the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.writelines([parts] if isinstance(parts, bytes) else parts)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- the store as a whole: list, evict, clear -------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .caches.full import RECENT_QUERIES
+from .caches.selection import SCORERS
 from .errors import UserError
 
 AUTO_MAX_GAMMA = 16  # the largest gamma the adaptive controller chooses (fixed values go to RECENT_QUERIES - 1)
@@ -21,6 +22,7 @@ class EngineSettings:
     refresh_every: int = 0  # rebuild the retrieval selection every N L3 passes (0: never)
     refresh_below: float = 0.0  # ... or when L3's acceptance of L2 over the last REFRESH_WINDOW passes is below this
     pipeline: str = "off"  # draft the next round during the L3 pass: on, off, auto (on when the cache is offloaded)
+    selection: str = "mean-key"  # how L2 scores chunks (caches/selection.py); the others are benchmark baselines
 
     def __post_init__(self) -> None:
         if self.refresh_every < 0 or not 0 <= self.refresh_below <= 1:
@@ -28,6 +30,8 @@ class EngineSettings:
                             f"{self.refresh_every}, {self.refresh_below}")
         if self.pipeline not in ("on", "off", "auto"):
             raise UserError(f"--pipeline must be on, off or auto, got {self.pipeline!r}")
+        if self.selection not in SCORERS:
+            raise UserError(f"selection must be one of {', '.join(SCORERS)}, got {self.selection!r}")
         if self.chunk_size <= 0:
             raise UserError(f"--chunk-size must be positive, got {self.chunk_size}")
         if (self.gamma or 1) <= 0 or (self.draft_gamma or 1) <= 0:

@@ -1,13 +1,12 @@
 """Checks of a request that need no weights: each problem becomes one UserError line (exit 2).
 
-run.py calls `check_flags` right after parsing (before transformers is even imported),
-`check_text` on every prompt and document, `check_kernels` once the device is known and
-`check_max_context` once the model's config is read: a bad request is refused before any
-model loads.
+cli_args.py checks the flags right after parsing (before transformers is even imported, with
+`check_text` and `kernel_setting` from here); run.py calls `check_text` on every prompt and document,
+launch.py `check_kernels` once the device is known and `check_max_context` once the model's config is
+read: a bad request is refused before any model loads.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -15,28 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-
-SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
-NEEDS_MODEL = ("prompt", "prompt_file", "context_file", "draft", "chat", "kv_store")
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """Flag values and combinations that are wrong whatever the model."""
-    if not 0 <= args.seed <= SEED_MAX:
-        raise UserError(f"--seed must be between 0 and 2**64-1, got {args.seed}")
-    if not math.isfinite(args.temperature):
-        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if args.model is None:
-        given = [f"--{name.replace('_', '-')}" for name in NEEDS_MODEL
-                 if getattr(args, name, None) not in (None, False)]  # (the server has no input flags)
-        if given:
-            raise UserError(f"{given[0]} needs --model PATH|HUB_ID (without --model the stories260K demo runs, "
-                            "which takes no input)")
-    if args.draft is not None and args.mode == "autoregressive":
-        raise UserError("--draft is used only by --mode triforce: drop it, or drop --mode autoregressive")
-    if getattr(args, "prompt", None) is not None:
-        check_text(args.prompt, "--prompt")
-    kernel_setting()
 
 
 def check_text(text: str, what: str) -> str:
@@ -105,16 +82,17 @@ def check_max_context(max_context: int | None, model_context: int) -> None:
                         "(max_position_embeddings)")
 
 
-def check_emulated_link(args: argparse.Namespace, device: Any) -> None:
-    """--emulate-link: a positive, finite GB/s, on the CPU, with the cache offloaded."""
-    gbps = getattr(args, "emulate_link", None)
+def check_emulated_link(memory: Any, device: Any) -> None:
+    """--emulate-link: a positive, finite GB/s, on the CPU, with the cache offloaded. `memory`: the
+    configuration's memory part (run_config.Memory: its emulate_link and offload)."""
+    gbps = memory.emulate_link
     if gbps is None:
         return
     if not (gbps > 0 and math.isfinite(gbps)):
         raise UserError(f"--emulate-link must be a positive GB/s, a finite number: got {gbps:g}")
     if device.type != "cpu":
         raise UserError("--emulate-link emulates a GPU's link on the CPU: use it with --device cpu")
-    if args.offload == "off":
+    if memory.offload == "off":
         raise UserError("--emulate-link streams the cache over the emulated link: it cannot be used with --offload off")
 
 

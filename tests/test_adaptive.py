@@ -8,8 +8,8 @@ import pytest
 
 from bench import cost_model
 from offload_runtime import cost
-from offload_runtime.adaptive import (AdaptiveSpeculation, BackOff, HiddenShare, LinearCost, RoundMeasurement,
-                                      kind_of)
+from offload_runtime.adaptive import AdaptiveSpeculation, BackOff, RoundMeasurement, kind_of
+from offload_runtime.estimates import HiddenShare, LinearCost
 from offload_runtime.policy import RoundChoice, RoundOutcome
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from offload_runtime import loading, synthetic
-from offload_runtime.chat import ChatSession, run_chat, save_json
+from offload_runtime.chat import ChatSession
+from offload_runtime.chat_loop import run_chat, save_json
 from offload_runtime.console import PrefillProgress
 from offload_runtime.session import Session
 from offload_runtime.settings import EngineSettings
@@ -150,7 +151,7 @@ def test_save_to_paths_the_os_rejects_is_one_message_and_the_chat_goes_on(target
     unknown ~user, permission, a full disk) is one line; the conversation survives and saves later."""
     import errno
 
-    from offload_runtime import chat as chat_module
+    from offload_runtime import chat_loop as chat_module
 
     (tmp_path / "file").write_text("x")
     rejected = [str(tmp_path), str(tmp_path / "file" / "t.json"), str(tmp_path / ("n" * 300)),

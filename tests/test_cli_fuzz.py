@@ -16,7 +16,8 @@ import sys
 
 
 from offload_runtime import demo, loading
-from offload_runtime.run import build_parser, main
+from offload_runtime.cli_flags import build_parser
+from offload_runtime.run import main
 
 N_VECTORS = int(os.environ.get("FUZZ_VECTORS", 200))  # FUZZ_SEED / FUZZ_VECTORS: explore further by hand
 SEED = int(os.environ.get("FUZZ_SEED", 15))

@@ -340,7 +340,7 @@ def test_controller_is_on_by_default_and_reports(checkpoint, prompt_ids, draft_m
 def test_estimate_check_catches_an_estimate_that_never_learns(checkpoint, prompt_ids, draft_model, monkeypatch):
     """Sabotage: acceptance never observed (the estimate stays at its prior, 0.5). The old check, an
     estimate in [0, 1], passed; the estimate written out over the rounds does not."""
-    from offload_runtime.adaptive import Acceptance
+    from offload_runtime.estimates import Acceptance
 
     monkeypatch.setattr(Acceptance, "observe", lambda self, accepted, rejections: None)
     got, outcomes = controller_run(load(checkpoint("llama")), draft_model, prompt_ids, monkeypatch)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from offload_runtime import kv_store, trained
+from offload_runtime import kv_blocks, kv_store, trained
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.cuda_streams import EmulatedLinkBackend
 from offload_runtime.kv_store import BLOCK, KVStore
@@ -108,12 +108,12 @@ def _truncate(p: Path) -> None:
 
 def _other_format(p: Path) -> None:
     data = p.read_bytes()
-    n = int.from_bytes(data[len(kv_store.MAGIC):len(kv_store.MAGIC) + 8], "little")
-    start = len(kv_store.MAGIC) + 8
+    n = int.from_bytes(data[len(kv_blocks.MAGIC):len(kv_blocks.MAGIC) + 8], "little")
+    start = len(kv_blocks.MAGIC) + 8
     header = json.loads(data[start:start + n])
     header["format"] = kv_store.FORMAT + 1
     new = json.dumps(header).encode()
-    p.write_bytes(kv_store.MAGIC + len(new).to_bytes(8, "little") + new + data[start + n:])
+    p.write_bytes(kv_blocks.MAGIC + len(new).to_bytes(8, "little") + new + data[start + n:])
 
 
 @pytest.mark.parametrize("damage, why", [(_flip_last_byte, "checksum mismatch"), (_truncate, "truncated"),

@@ -1,6 +1,6 @@
 """The code's shape, checked: offload_runtime/kernels/ and offload_runtime/cuda_streams/ stand
-alone, nothing importable from the repository root shadows a dependency, and no function or class
-grows past what a reader takes in at once (the team's rule: ~60 lines, ~150 lines)."""
+alone, nothing importable from the repository root shadows a dependency, and no module, function or
+class grows past what a reader takes in at once (the team's rule: ~300, ~60, ~150 lines)."""
 from __future__ import annotations
 
 import ast
@@ -14,6 +14,14 @@ SOURCES = ("offload_runtime", "bench")
 STANDALONE = ("kernels", "cuda_streams")  # rooms inside offload_runtime that import nothing else of it
 MAX_FUNCTION_LINES = 60
 MAX_CLASS_LINES = 150
+MAX_MODULE_LINES = 300  # offload_runtime/ only (bench/ scripts are read one at a time, alone)
+# Modules being split in another branch at the time this check was added: the lead empties this list
+# once that work is merged. Nothing else may be added to it.
+MODULE_SIZE_ALLOWED = {
+    "offload_runtime/model.py",
+    "offload_runtime/kernels/triton_kernels.py",
+    "offload_runtime/compiled.py",
+}
 
 
 def _files(*folders: str) -> list[Path]:
@@ -215,3 +223,33 @@ def oversized_outside_root(path: Path) -> list[str]:
         return oversized(path)
     finally:
         ROOT = saved
+
+
+def oversized_modules(root: Path, package: str, allowed: set[str] = frozenset()) -> list[str]:
+    """'path (n lines)' for every module of `package` over MAX_MODULE_LINES, but those in `allowed`."""
+    found = []
+    for path in sorted((root / package).rglob("*.py")):
+        name = path.relative_to(root).as_posix()
+        n = len(path.read_text().splitlines())
+        if n > MAX_MODULE_LINES and name not in allowed:
+            found.append(f"{name} ({n} lines)")
+    return found
+
+
+def test_no_module_over_300_lines():
+    """A module holds one job; past ~300 lines it holds several (split it along them)."""
+    assert len(_files("offload_runtime")) > 30  # the walk finds the package
+    found = oversized_modules(ROOT, "offload_runtime", MODULE_SIZE_ALLOWED)
+    assert not found, "split these modules along their jobs:\n" + "\n".join(found)
+
+
+def test_module_size_check_catches_a_long_module(tmp_path):
+    """Sabotage: a 301-line module (also in a subpackage) is reported, a 300-line one and an allowed one are not."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "long.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    (pkg / "sub" / "deep.py").write_text("y = 2\n" * (MAX_MODULE_LINES + 1))
+    (pkg / "fits.py").write_text("z = 3\n" * MAX_MODULE_LINES)
+    (pkg / "allowed.py").write_text("w = 4\n" * 500)
+    found = oversized_modules(tmp_path, "pkg", {"pkg/allowed.py"})
+    assert found == [f"pkg/long.py ({MAX_MODULE_LINES + 1} lines)", f"pkg/sub/deep.py ({MAX_MODULE_LINES + 1} lines)"]

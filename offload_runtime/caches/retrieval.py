@@ -2,7 +2,7 @@
 
 Per layer and KV head, the prompt's K/V rows are split into chunks of `chunk_size`;
 each chunk's mean key is scored against the current query (GQA: the query heads of a
-KV head add their scores) and the best chunks up to `budget` tokens are kept, chunk 0
+KV head add their scores; other scorers in selection.py) and the best chunks up to `budget` tokens are kept, chunk 0
 (the attention sinks) always. A prompt tail shorter than a chunk is always kept. Every
 generated token's K/V (as the L3 pass computed them) is appended after the selection.
 Keys keep their absolute RoPE rotation, so attention over the subset keeps true
@@ -13,11 +13,10 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from ..kernels import attention, select_chunks
+from ..kernels import attention, top_chunks
 from .base import FullKVCache, KVCache, allocates, grown_capacity, kv_row_bytes, regrown
+from .selection import Scorer, mean_key_scores
 
-
-_MEAN_BLOCK = 1024  # chunks averaged at a time while building a selection
 RESERVE_ROWS = 64  # rows allocated past the selection at a build (generated tokens)
 BLOCK = 256  # a build allocates whole blocks of rows
 
@@ -32,9 +31,10 @@ class RetrievalCache(KVCache):
         return cfg.num_layers * (-(-rows // BLOCK) * BLOCK) * kv_row_bytes(cfg, dtype, tp)
 
     def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, budget: int, chunk_size: int,
-                 reserve_rows: int = RESERVE_ROWS) -> None:
+                 reserve_rows: int = RESERVE_ROWS, scorer: Scorer = mean_key_scores) -> None:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.budget, self.chunk_size = budget, chunk_size
+        self.scorer = scorer  # chunk scores per KV head (selection.py)
         self.reserve_rows = reserve_rows  # rows allocated past the selection at build (generated tokens)
         self.length = 0  # logical length: absolute position of the next token
         self.base = 0  # context length the selection was built from
@@ -95,11 +95,7 @@ class RetrievalCache(KVCache):
         if keep == n_full:  # everything fits: the selection is the whole prompt
             rows = all_pos[None, :].expand(hkv, -1)
         else:
-            chunk_keys = torch.empty(hkv, n_full, d, dtype=torch.float32, device=k_all.device)
-            for a in range(0, n_full, _MEAN_BLOCK):  # in blocks: no fp32 copy of a whole 128K-token layer
-                b = min(n_full, a + _MEAN_BLOCK)
-                chunk_keys[:, a:b] = k_all[:, a * c : b * c].reshape(hkv, b - a, c, d).float().mean(2)
-            idx = select_chunks(chunk_keys.to(query.device), query, keep).to(self.device)  # [Hkv, keep]
+            idx = top_chunks(self.scorer(k_all[:, : n_full * c], query, c), keep).to(self.device)  # [Hkv, keep]
             rows = (idx[:, :, None] * c + torch.arange(c, device=self.device)).reshape(hkv, -1)
             rows = torch.cat([rows, all_pos[n_full * c :][None, :].expand(hkv, -1)], dim=1)
         gather = rows[:, :, None].expand(-1, -1, d).to(k_all.device)

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from . import schema
-from ..chat import ChatFormat
+from ..chat_format import ChatFormat
 from ..errors import UserError
 from .engine import Completion, EngineWorker
 from .engine import Request as EngineRequest
@@ -34,7 +34,7 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that
 @dataclass
 class ServerConfig:
     model_name: str
-    defaults: Any  # the parsed flags: max_new_tokens, temperature, top_p
+    defaults: Any  # the server's generation flags (run_config.Generation): max_new_tokens, temperature, top_p
     api_key: str | None = None
     max_body_bytes: int = 8 << 20
     read_timeout_s: float = 30.0  # a request's body must arrive within this time of its headers

@@ -23,14 +23,6 @@ from ..errors import UserError
 from ..sampling import SamplingParams
 
 
-def new_session(args: Any, job: Any, target: Any, draft: Any) -> Any:
-    """The server's engine Session for run.py's flags, plan (`job`) and loaded models: the one place
-    the server builds it (as run.chat does)."""
-    from ..run import make_session
-
-    return make_session(args, job, target, draft)
-
-
 def set_sampling(session: Any, params: SamplingParams, generator: torch.Generator) -> None:
     """Each request brings its own temperature, top-p and seed; the session's levels keep references."""
     session.reconfigure(params=params, generator=generator)  # every level draws through the session's sampler

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..chat import ChatFormat
+from ..chat_format import ChatFormat
 from ..errors import UserError
 from ..sampling import SamplingParams
 from .engine import Completion
