@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from offload_runtime import compiled, kernels
 from offload_runtime.caches.full import FullCache
 from offload_runtime.kernels import decode
-from offload_runtime.model import PREFILL_CHUNK, live_fused
+from offload_runtime.fused import live_fused
+from offload_runtime.prefill import PREFILL_CHUNK
 
 from .models import SHAPES, Shape, build_pair
 from .common import RESULTS, machine_info, write_json

@@ -12,7 +12,8 @@ import torch
 
 from offload_runtime.config import ModelConfig
 from offload_runtime.loading import build_model
-from offload_runtime.model import CausalLM, fuse_layer
+from offload_runtime.fused import fuse_layer
+from offload_runtime.model import CausalLM
 from offload_runtime.synthetic import hf_config, randomize
 
 

@@ -8,7 +8,12 @@ Xeon, beside ~35 ms of matrix-vector products and ~6 of attention (README, "CPU 
 against the bandwidth floor"). Compiled, the small ops become a few fused C++ loops and every
 call (products, SDPA) is made from C++: 43 ms instead of 52, 0.69-0.70x transformers' step.
 
-What it covers: one new token, on CPU, with the projections fused (model.fuse_projections), the
+What is compiled: the model's own code, not a copy of it: `one_token` runs the embedding, every
+`DecoderLayer` (its norms, `Attention`, `MLP`: model.py) and the head, and dynamo traces them
+against `OneTokenRows`, a cache that writes the token's K/V row in place and calls SDPA without a
+mask. A change to the layer's code is a change to the compiled step.
+
+What it covers: one new token, on CPU, with the projections fused (fused.fuse_projections), the
 model not tensor-parallel, and a cache that can say where the token's K/V row goes and that the
 token sees every stored row without a mask (`KVCache.one_token_rows`: the full cache and the
 retrieval cache; not where a sliding window would hide rows). Anything else -- prompt chunks,
@@ -26,19 +31,18 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
+import torch._dynamo.config as dynamo_config
 import torch.fx.experimental._config as shape_config
 import torch.nn.functional as F
 
 from .caches.base import KVCache
-from .config import ModelConfig
 from .errors import UserError
-from .model import live_fused, rms_norm
-from .rope import apply_rotary, rope_tables
-
-LayerWeights = tuple[torch.Tensor | None, ...]  # norm, qkv (w, b), o (w, b), norm, gate_up (w, b), down (w, b)
+from .fused import all_fused
+from .model import CausalLM
+from .rope import rope_tables
 
 
 def compiler_problem() -> str | None:
@@ -49,72 +53,63 @@ def compiler_problem() -> str | None:
     return None
 
 
-def one_token_graph(eps: float, n_heads: int, n_kv_heads: int,
-                    head_dim: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The step for one model shape; its sizes and eps are constants of the graph (as arguments
-    they would be symbolic under dynamic shapes: slower code and more guards)."""
-    nq, nk, g = n_heads, n_kv_heads, n_heads // n_kv_heads
+class OneTokenRows(KVCache):
+    """What the compiled step's layers attend against: the token's K/V written at `row` of each
+    layer's buffers (from `KVCache.one_token_rows`), attention over rows [0, row] with no mask (all
+    visible), the G query heads of a KV head folded into its rows (K/V read in place, as
+    kernels/decode.py does eagerly); each layer's rotated queries kept for the cache."""
 
-    def one_token(token: torch.Tensor, position: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
-                  embed_w: torch.Tensor, row: int, layers: list[LayerWeights], k_bufs: list[torch.Tensor],
-                  v_bufs: list[torch.Tensor], norm_w: torch.Tensor,
-                  head_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward of one token [1] at `position` [1]: writes its K/V at `row` of every layer's
-        buffers, attends to rows [0, row] (no mask: all visible); returns fp32 logits [1, V] and
-        the rotated queries [layers, Hq, 1, D]. The ops of CausalLM.forward, attention maskless."""
-        x = F.embedding(token, embed_w)
-        cos, sin = rope_tables(position, inv_freq, scaling, x.dtype)
-        end, queries = row + 1, []
-        for (ln1, qkv_w, qkv_b, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b), kb, vb in zip(layers, k_bufs, v_bufs):
-            heads = F.linear(rms_norm(x, ln1, eps), qkv_w, qkv_b).view(1, -1, head_dim).transpose(0, 1)
-            qk = apply_rotary(heads[:nq + nk], cos, sin)
-            q = qk[:nq]
-            kb[:, row:end] = qk[nq:]
-            vb[:, row:end] = heads[nq + nk:]
-            out = F.scaled_dot_product_attention(q.reshape(1, nk, g, head_dim), kb[None, :, :end], vb[None, :, :end])
-            x = x + F.linear(out.reshape(1, nq * head_dim), o_w, o_b)
-            gate, up = F.linear(rms_norm(x, ln2, eps), gu_w, gu_b).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, down_w, down_b)
-            queries.append(q)
-        return F.linear(rms_norm(x, norm_w, eps), head_w).float(), torch.stack(queries)
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], row: int) -> None:
+        self.k, self.v, self.row, self.length = k, v, row, row
+        self.queries: list[torch.Tensor] = []
 
-    return one_token
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_buf, v_buf, row = self.k[layer], self.v[layer], self.row
+        k_buf[:, row:row + 1] = k
+        v_buf[:, row:row + 1] = v
+        self.queries.append(q)
+        n_q, n_kv, d = q.shape[0], k_buf.shape[0], q.shape[2]
+        out = F.scaled_dot_product_attention(q.reshape(1, n_kv, n_q // n_kv, d), k_buf[None, :, :row + 1],
+                                             v_buf[None, :, :row + 1])
+        return out.reshape(n_q, 1, d)
+
+    def truncate(self, length: int) -> None:
+        raise NotImplementedError("the compiled step's rows are the cache's own; it truncates them")
 
 
-def layer_weights(model: Any) -> list[LayerWeights] | None:
-    """Every layer's weights in `one_token`'s order, or None if some layer's fused matrices are
-    missing or stale (FusedLinear.current): then the step runs eagerly. Read through the modules'
-    `_modules` / `_parameters` dicts: it runs every step, and `module.attr` costs ~0.5 us each."""
-    out = []
+def one_token(model: CausalLM, token: torch.Tensor, position: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+              k_bufs: list[torch.Tensor], v_bufs: list[torch.Tensor], row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of one token [1] at `position` [1], traced into one graph: the model's own
+    layers (DecoderLayer, Attention, MLP) over `OneTokenRows`. Returns fp32 logits [1, V] and the
+    rotated queries [layers, Hq, 1, D]. The rotary tables are computed in the graph from the
+    frequencies `RotaryEmbedding.tables_for` gave outside it (its dynamic-NTK update reads a value)."""
+    rows = OneTokenRows(k_bufs, v_bufs, row)
+    x = model.model.embed_tokens(token)
+    cos, sin = rope_tables(position, inv_freq, scaling, x.dtype)
     for layer in model.model.layers:
-        mods = layer._modules
-        attn, mlp = mods["self_attn"], mods["mlp"]
-        a, m = attn._modules, mlp._modules
-        qkv = live_fused(attn, "qkv", [a["q_proj"], a["k_proj"], a["v_proj"]])
-        gate_up = live_fused(mlp, "gate_up", [m["gate_proj"], m["up_proj"]])
-        if qkv is None or gate_up is None:
-            return None
-        o, down = a["o_proj"]._parameters, m["down_proj"]._parameters
-        out.append((mods["input_layernorm"]._parameters["weight"], qkv.weight, qkv.bias, o["weight"], o["bias"],
-                    mods["post_attention_layernorm"]._parameters["weight"], gate_up.weight, gate_up.bias,
-                    down["weight"], down["bias"]))
-    return out
+        x = layer(x, cos, sin, rows)
+    return model.head(x), torch.stack(rows.queries)
 
 
 class CompiledStep:
     """`model.one_token_step`: the compiled graph and when to use it (see the module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, eps: float) -> None:
-        self.graph = torch.compile(one_token_graph(eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
-                                   dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+    def __init__(self) -> None:
+        self.graph = torch.compile(one_token, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
         self.calls = 0  # compiled steps taken (the tests and the bench check it is used)
+        # Settings for tracing, set around every call (any call may trace): no "duck" sizes (a weight's
+        # width that happens to equal a buffer's row count must not become a guard: it would recompile
+        # when the buffers grow), and floats as constants of the graph (each norm's eps and the RoPE
+        # scaling, fixed while a model runs; a dynamic float would be made a tensor at every call).
+        # Closure patchers: a few microseconds per call, where `config.patch` costs tens.
+        self.settings = (shape_config._make_closure_patcher(use_duck_shape=False),
+                         dynamo_config._make_closure_patcher(specialize_float=True))
 
-    def __call__(self, model: Any, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+    def __call__(self, model: CausalLM, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         """fp32 logits [1, V] of the one token, written to `cache` (not advanced); None: not taken."""
         if tokens.shape[0] != 1 or tokens.device.type != "cpu" or getattr(model, "tp_world_size", 1) != 1:
             return None
-        weights = layer_weights(model)
-        if weights is None:
+        if not all_fused(model):  # the graph takes every layer's fused matrices as they are
             return None
         position = cache.positions(1, tokens.device)  # before one_token_rows reserves the row
         slots = cache.one_token_rows()
@@ -127,19 +122,20 @@ class CompiledStep:
         if row == 0 or row + 1 >= k_bufs[0].shape[1]:
             return None
         inv_freq, scaling = model.rope.tables_for(position)
-        # No "duck" sizes: a weight's width that happens to equal a buffer's row count must not
-        # become a guard (it would recompile when the buffers grow).
-        with shape_config.patch(use_duck_shape=False):
-            logits, queries = self.graph(tokens, position, inv_freq, scaling, model.model.embed_tokens.weight, row,
-                                         weights, k_bufs, v_bufs, model.model.norm.weight, model.lm_head.weight)
+        reverts = [patch() for patch in self.settings]
+        try:
+            logits, queries = self.graph(model, tokens, position, inv_freq, scaling, k_bufs, v_bufs, row)
+        finally:
+            for revert in reversed(reverts):
+                revert()
         cache.one_token_queries(queries)
         self.calls += 1
         return logits
 
 
-def build(model: Any) -> CompiledStep:
-    """A compiled step for this model's shape (compiled at its first call), not yet attached."""
-    return CompiledStep(model.cfg, model.model.norm.eps)
+def build(model: CausalLM) -> CompiledStep:
+    """A compiled step (compiled at its first call), not yet attached to `model`."""
+    return CompiledStep()
 
 
 def warm_up(model: Any, quiet: bool = False) -> float:

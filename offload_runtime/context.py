@@ -19,7 +19,8 @@ from .caches.base import FullKVCache
 from .caches.retrieval import RetrievalCache
 from .caches.selection import SCORERS
 from .kv_store import KVStore
-from .model import PREFILL_CHUNK, CausalLM
+from .model import CausalLM
+from .prefill import PREFILL_CHUNK, prefill_layer_major
 from .settings import EngineSettings
 from .stats import Stats
 
@@ -112,7 +113,7 @@ class ContextCaches:
                 if reselect:  # (allocated outside inference mode: later forwards update its buffers)
                     self.retrieval.begin_build(full.length + len(todo))
                     on_layer = self.retrieval.build_layer
-                self.logits = target.forward_layer_major(tokens, full, on_layer)[-1]
+                self.logits = prefill_layer_major(target, tokens, full, on_layer)[-1]
                 done = len(todo)
             else:  # token chunks bound the activations of a long prompt
                 for start in range(0, len(todo), PREFILL_CHUNK):

@@ -15,7 +15,8 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
-from .model import CausalLM, fuse_projections
+from .fused import fuse_projections
+from .model import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

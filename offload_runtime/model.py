@@ -7,29 +7,19 @@ computes attention. Tensor parallelism shards these same modules in place.
 """
 from __future__ import annotations
 
-import sys
-from typing import Callable, Generator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from .caches.base import FullKVCache, KVCache
-from .caches.layer_writer import LayerWriter
+from .caches.base import KVCache
 from .config import ModelConfig
+from .fused import FusedLinear, project
 from .rope import RotaryEmbedding, apply_rotary
 
-PREFILL_CHUNK = 1024  # prompt tokens per forward (token-major) or per chunk within a layer (layer-major), at most
-MASK_BYTES = 512 << 20  # bound on one chunk's attention mask (SDPA): fewer tokens per chunk at long contexts
-PROGRESS_MIN_TOKENS = 8192  # the layer-major prefill shows a progress bar (stderr) from this prompt length on
-LayerHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (layer, K, V, last query)
-
-
-def prefill_chunk(kv_groups: int, context: int) -> int:
-    """Tokens per layer-major chunk: PREFILL_CHUNK, fewer when one chunk's mask (G*chunk x context,
-    bool and its float bias) would pass MASK_BYTES."""
-    return max(64, min(PREFILL_CHUNK, MASK_BYTES // (3 * kv_groups * max(context, 1))))
+# (layer index, layer, hidden states, cos, sin) -> hidden states after the layer: how a forward runs a layer
+LayerRunner = Callable[[int, "DecoderLayer", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -47,70 +37,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
-
-
-class FusedLinear:
-    """Linears over the same input as one matrix: one matrix-vector product per decode step instead
-    of several (fewer, larger reads; ~4% of a CPU step at 2K). The Linears' weights become views of
-    the one matrix, so nothing is held twice and the checkpoint names still address them. If they
-    are later replaced or moved (sharding, `.to()`), `current()` turns false and the caller goes
-    back to the separate Linears; `fuse_projections` fuses again."""
-
-    def __init__(self, linears: list[nn.Linear]) -> None:
-        with torch.no_grad():
-            self.weight = torch.cat([lin.weight for lin in linears])
-            has_bias = linears[0].bias is not None
-            self.bias = torch.cat([lin.bias for lin in linears]) if has_bias else None
-        self.linears, self.sizes, start = linears, [lin.weight.shape[0] for lin in linears], 0
-        for lin, n in zip(linears, self.sizes):
-            lin.weight = nn.Parameter(self.weight[start:start + n], requires_grad=False)
-            if self.bias is not None:
-                lin.bias = nn.Parameter(self.bias[start:start + n], requires_grad=False)
-            start += n
-        self._ptrs = self._pointers()
-
-    @staticmethod
-    def can_fuse(linears: list[nn.Linear]) -> bool:
-        """Same input width, device and dtype, and all with a bias or none."""
-        first = linears[0].weight
-        return (len({lin.bias is None for lin in linears}) == 1
-                and all(lin.weight.shape[1] == first.shape[1] and lin.weight.device == first.device
-                        and lin.weight.dtype == first.dtype and lin.weight.device.type != "meta" for lin in linears))
-
-    def _pointers(self) -> tuple[tuple[int, int | None], ...]:
-        return tuple((lin.weight.data_ptr(), None if lin.bias is None else lin.bias.data_ptr()) for lin in self.linears)
-
-    def current(self, linears: list[nn.Linear]) -> bool:
-        """Whether these are the Linears fused here and their weights still are views of this matrix
-        (a plain loop over the `_parameters` dicts: it runs for every layer of every forward)."""
-        if len(linears) != len(self.linears):
-            return False
-        for lin, mine, n, (w_ptr, b_ptr) in zip(linears, self.linears, self.sizes, self._ptrs):
-            params = lin._parameters
-            weight, bias = params.get("weight"), params.get("bias")  # no weight entry (parametrized): stale
-            if (lin is not mine or weight is None or weight.data_ptr() != w_ptr or weight.shape[0] != n
-                    or (None if bias is None else bias.data_ptr()) != b_ptr):
-                return False
-        return True
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-def live_fused(module: nn.Module, attr: str, linears: list[nn.Linear]) -> FusedLinear | None:
-    """`module.<attr>` if it fuses these Linears as they are now; else None (a stale fused matrix is
-    dropped, so it does not hold its memory)."""
-    fused = getattr(module, attr)
-    if fused is not None and not fused.current(linears):
-        setattr(module, attr, None)
-        return None
-    return fused
-
-
-def project(module: nn.Module, attr: str, linears: list[nn.Linear], x: torch.Tensor) -> torch.Tensor:
-    """The Linears' outputs side by side: one product when `module.<attr>` fuses them, else one per Linear."""
-    fused = live_fused(module, attr, linears)
-    return fused(x) if fused is not None else torch.cat([lin(x) for lin in linears], dim=-1)
 
 
 class Attention(nn.Module):
@@ -145,24 +71,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(self, "gate_up", [self.gate_proj, self.up_proj], x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up))
-
-
-def fuse_layer(layer: "DecoderLayer") -> None:
-    """Fuse one layer's q/k/v and gate/up projections (see FusedLinear)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    attn.qkv = mlp.gate_up = None  # a stale matrix is not kept alive while the new one is built
-    qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
-    attn.qkv = FusedLinear(qkv) if FusedLinear.can_fuse(qkv) else None
-    mlp.gate_up = FusedLinear(gate_up) if FusedLinear.can_fuse(gate_up) else None
-
-
-def fuse_projections(model: "CausalLM") -> "CausalLM":
-    """Fuse every layer's projections, layer by layer (each replaced weight is freed before the next
-    layer's copy is made, unless something else holds it); call it on the final weights (after
-    loading, sharding and moving: `.to()` makes the fused matrices stale). Returns the model."""
-    for layer in model.model.layers:
-        fuse_layer(layer)
-    return model
 
 
 class DecoderLayer(nn.Module):
@@ -216,67 +124,26 @@ class CausalLM(nn.Module):
         cos, sin = self.rope.cos_sin(cache.positions(tokens.shape[0], tokens.device), x.dtype)
         return x, cos, sin
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of hidden states [T, H]: the final norm, then the LM head."""
         return self.lm_head(self.model.norm(x)).float()
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """tokens: [T] (one sequence). Returns fp32 logits [T, V] (or [1, V] with last_only)."""
-        if self.one_token_step is not None and tokens.shape[0] == 1:
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False,
+                run_layer: LayerRunner | None = None) -> torch.Tensor:
+        """tokens: [T] (one sequence). Returns fp32 logits [T, V] (or [1, V] with last_only).
+
+        The one layer loop: decode steps, verification blocks, prompt chunks. `run_layer(i, layer,
+        x, cos, sin)` runs each layer instead of `layer(x, cos, sin, cache)`: the pipelined pass
+        drafts there while a layer's copy is in flight (pipelined.py), the layer-major prefill
+        feeds a whole prompt through one layer at a time (prefill.py)."""
+        if run_layer is None and self.one_token_step is not None and tokens.shape[0] == 1:
             logits = self.one_token_step(self, tokens, cache)
             if logits is not None:
                 cache.advance(1)
                 return logits
         x, cos, sin = self._embed(tokens, cache)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache)
-        cache.advance(tokens.shape[0])
-        return self._head(x[-1:] if last_only else x)
-
-    def forward_steps(self, tokens: torch.Tensor, cache: FullKVCache) -> Generator[None, bool, torch.Tensor]:
-        """`forward` as steps: before a layer whose K/V is not on the device yet (`cache.layer_ready`)
-        it yields, so the caller can do other work while the copy runs; the caller sends True to
-        make it stop asking and wait for the copy. Returns (StopIteration.value) the logits [T, V]."""
-        with torch.inference_mode():
-            x, cos, sin = self._embed(tokens, cache)
         for i, layer in enumerate(self.model.layers):
-            while not cache.layer_ready(i, tokens.shape[0]):
-                if (yield):
-                    break
-            with torch.inference_mode():
-                x = layer(x, cos, sin, cache)
+            x = layer(x, cos, sin, cache) if run_layer is None else run_layer(i, layer, x, cos, sin)
         cache.advance(tokens.shape[0])
-        with torch.inference_mode():
-            return self._head(x)
-
-    @torch.inference_mode()
-    def forward_layer_major(self, tokens: torch.Tensor, cache: FullKVCache, on_layer: LayerHook | None = None,
-                            chunk_tokens: int | None = None, progress: bool | None = None) -> torch.Tensor:
-        """Append `tokens` [T] to `cache` one layer at a time; fp32 logits of the last token, [1, V].
-
-        All tokens go through layer l (in chunks, to bound activation memory), its K/V is final
-        (`close_layer`: written back once) and `on_layer(l, K, V, last query)` sees rows [0, end)
-        while they are on the device (the retrieval selection is built there), then layer l+1.
-        The numbers equal `forward`'s up to fp32 summation order."""
-        n = tokens.shape[0]
-        start, end = cache.length, cache.length + n
-        chunk_tokens = chunk_tokens or prefill_chunk(self.cfg.kv_groups, end)
-        x, cos, sin = self._embed(tokens, cache)
-        layers = self.model.layers
-        with tqdm(total=len(layers) * n, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr,
-                  disable=not (n >= PROGRESS_MIN_TOKENS if progress is None else progress),
-                  leave=False) as bar:  # (an interrupted prefill clears its bar before the run says `interrupted`)
-            for i, layer in enumerate(layers):
-                k_buf, v_buf = cache.open_layer(i, n)
-                writer = LayerWriter(k_buf, v_buf, start, self.cfg.sliding_windows[i])
-                bar.set_postfix_str(f"layer {i + 1}/{len(layers)}", refresh=False)
-                for a in range(0, n, chunk_tokens):
-                    b = min(n, a + chunk_tokens)
-                    x[a:b] = layer(x[a:b], cos[a:b], sin[a:b], writer)
-                    bar.update(b - a)
-                cache.recent_queries[i] = writer.recent
-                if on_layer is not None:
-                    on_layer(i, k_buf[:, :end], v_buf[:, :end], writer.recent[:, -1])
-                cache.close_layer(i, start, end)
-        cache.advance(n)
-        return self._head(x[-1:])
+        return self.head(x[-1:] if last_only else x)

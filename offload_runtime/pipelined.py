@@ -1,7 +1,7 @@
 """Pipelined TriForce rounds: L2 (with L1) drafts round k+1 while round k's L3 pass streams the cache.
 
-The L3 pass runs as steps (`CausalLM.forward_steps`): before a layer whose K/V slab has not
-arrived yet it hands control back, and the round does one draft step of the *pre-draft*:
+The L3 pass is the target's one forward with a layer runner (`drafting_before_layers`): before
+a layer whose K/V slab has not arrived yet, the round does draft steps of the *pre-draft*:
 L2 continues its chain past round k's last proposal as if all of round k were accepted.
 When no draft work is left the pass waits for the copy as an unpipelined one does. The
 same code runs on every backend: only the "is this copy done?" query differs.
@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Generator
+from typing import Callable
 
 import torch
 
 from .caches.base import FullKVCache
+from .model import DecoderLayer, LayerRunner
 from .request import stop_index
 from .stats import Stats, timed
 from .triforce import DraftChain, Speculator
@@ -46,19 +47,21 @@ class Carry:
     builds: int  # retrieval selections built so far (a rebuild invalidates the rows)
 
 
-def drive(steps: Generator[None, bool, torch.Tensor], work: Callable[[], bool]) -> torch.Tensor:
-    """Run a stepped pass; each time it waits for a copy do one unit of `work` (False: none left),
-    then let it check again; with no work left it blocks on the copy. Returns the pass's value."""
-    try:
-        next(steps)
-        while True:
-            steps.send(not work())
-    except StopIteration as done:
-        return done.value
+def drafting_before_layers(full: FullKVCache, n_new: int, work: Callable[[], bool]) -> LayerRunner:
+    """The L3 pass's layer runner: while layer i's K/V is not on the device yet (`full.layer_ready`,
+    never blocking) do one unit of `work` after another (False: none left), then run the layer (it
+    waits for a copy still in flight). The work runs outside inference mode, as between forwards."""
+    def run(i: int, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False):
+            while not full.layer_ready(i, n_new) and work():
+                pass
+        return layer(x, cos, sin, full)
+
+    return run
 
 
 class PreDraft:
-    """Round k+1's drafting inside round k's L3 pass: `step` is the work `drive` interleaves, timed."""
+    """Round k+1's drafting inside round k's L3 pass: `step` is the work done before layers, timed."""
 
     def __init__(self, chain: DraftChain, want: int, stats: Stats, full: FullKVCache) -> None:
         self.chain, self.want, self.stats, self.full = chain, want, stats, full
@@ -126,7 +129,8 @@ class PipelinedSpeculator(Speculator):
         pre = PreDraft(DraftChain(self, caches.tokens + drafted, draft_gamma), want, stats, caches.full)
         with timed(stats, "l3"):
             tokens = torch.tensor(caches.tokens[-1:] + drafted, device=self.target.device)
-            p = self.sampler.distribution(drive(self.target.forward_steps(tokens, caches.full), pre.step))
+            drafting = drafting_before_layers(caches.full, len(tokens), pre.step)
+            p = self.sampler.distribution(self.target(tokens, caches.full, run_layer=drafting))
             n, nxt = self.sampler.verify(drafted, q, p)
         pre.settle()
         x1_ok = False

@@ -23,7 +23,7 @@ from .caches.streaming import StreamingCache
 from .config import ModelConfig
 from .cuda_streams import SLABS
 from .errors import UserError
-from .model import MASK_BYTES, PREFILL_CHUNK  # the activations the layer-major prefill holds
+from .prefill import MASK_BYTES, PREFILL_CHUNK  # the activations the layer-major prefill holds
 
 GiB = 2**30
 CUDA_RESERVE = 1 * GiB  # CUDA context, cuBLAS workspaces, allocator fragmentation

@@ -31,7 +31,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import UserError
-from .model import CausalLM, fuse_projections
+from .fused import fuse_projections
+from .model import CausalLM
 
 _owns_group = False  # True when init_from_env created the process group (so shutdown destroys it)
 

@@ -15,7 +15,8 @@ from offload_runtime.caches import FullCache
 from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.caches.retrieval import RetrievalCache
 from offload_runtime.errors import UserError
-from offload_runtime.model import fuse_projections
+from offload_runtime.fused import fuse_projections
+from offload_runtime.model import MLP
 from offload_runtime.generate import generate_autoregressive, generate_triforce
 from offload_runtime.run import main
 from offload_runtime.sampling import SamplingParams
@@ -126,6 +127,20 @@ def test_parity_check_catches_a_wrong_cache_row(llama, tokenizer, long_text, mon
 
     monkeypatch.setattr(FullCache, "one_token_rows", one_row_early)
     assert step_mismatch(model, prompt_ids(tokenizer, long_text, 30), 0) is not None
+
+
+def test_the_compiled_step_is_the_models_own_layer_code(checkpoint, tokenizer, long_text, monkeypatch):
+    """The graph traces DecoderLayer / Attention / MLP themselves, not a copy: a change to the layer's
+    code (here the MLP's output doubled) reaches the compiled step as it reaches the eager one. A copy
+    of the layer would not see it, and the parity check would report the difference."""
+    mlp_forward = MLP.forward
+    monkeypatch.setattr(MLP, "forward", lambda self, x: 2 * mlp_forward(self, x))
+    # A shape no other test compiles: dynamo does not guard a class's methods, so a model of an
+    # already compiled shape would reuse that graph (and a later one of this shape would reuse this)
+    model = compiled.enable(load(checkpoint("llama", num_hidden_layers=1)))
+    calls = model.one_token_step.calls
+    assert step_mismatch(model, prompt_ids(tokenizer, long_text, 30), 0) is None
+    assert model.one_token_step.calls - calls == 4  # the 4 steps were compiled ones
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from offload_runtime.cuda_streams import CpuBackend, CudaBackend, LayerPipeline,
 from offload_runtime.generate import generate_triforce
 from offload_runtime.settings import EngineSettings
 from offload_runtime.generate import generate_autoregressive
-from offload_runtime.model import CausalLM, fuse_projections
+from offload_runtime.fused import fuse_projections
+from offload_runtime.model import CausalLM
 from offload_runtime.sampling import SamplingParams
 from offload_runtime.synthetic import hf_config, randomize
 

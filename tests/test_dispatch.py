@@ -10,6 +10,7 @@ from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.caches.retrieval import RetrievalCache
 from offload_runtime.config import ModelConfig
 from offload_runtime.model import CausalLM
+from offload_runtime.prefill import prefill_layer_major
 from offload_runtime.synthetic import hf_config, randomize
 
 
@@ -40,7 +41,7 @@ def test_forced_triton_on_cpu_reaches_every_cache(kind, model, monkeypatch):
     cache = _caches(model.cfg)["offloaded" if kind == "layer-major" else kind]
     with pytest.raises(RuntimeError, match="OFFLOAD_RUNTIME_KERNELS=triton"):
         if kind == "layer-major":
-            model.forward_layer_major(tokens, cache)
+            prefill_layer_major(model, tokens, cache)
         else:
             model(tokens, cache)
 
@@ -53,7 +54,7 @@ def test_offloaded_reference_and_auto_agree(kind, model, monkeypatch):
     for mode in ("reference", "auto"):
         monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", mode)
         cache = OffloadedCache(model.cfg, "cpu", torch.float32, 64, on_chip_layers=0)
-        first = model.forward_layer_major(tokens[:12], cache) if kind == "layer-major" else model(tokens[:12], cache)
+        first = prefill_layer_major(model, tokens[:12], cache) if kind == "layer-major" else model(tokens[:12], cache)
         out[mode] = (first, model(tokens[12:], cache))
     for a, b in zip(out["reference"], out["auto"]):
         assert (a - b).abs().max() < 1e-4

@@ -3,8 +3,8 @@
 On a machine without CUDA the kernels run in Triton's interpreter: the `tk` fixture sets
 TRITON_INTERPRET=1 for this module before the kernels are first imported. With CUDA the
 same tests run the compiled kernels on the GPU (bench/gpu_check.sh).
-Outputs are allocated NaN-filled (the kernels' `_alloc` is replaced), so a test fails if
-any element is left unwritten.
+Outputs are allocated NaN-filled (the kernels' `triton_common.alloc` is replaced), so a test
+fails if any element is left unwritten.
 """
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2e-3 
        torch.bfloat16: dict(atol=2e-2 * _HALF, rtol=2e-2 * _HALF)}
 
 
+def common():
+    """kernels/triton_common.py (imported through the `tk` fixture, after TRITON_INTERPRET is set)."""
+    from offload_runtime.kernels import triton_common
+
+    return triton_common
+
+
 @pytest.fixture(scope="module")
 def tk():
     """The Triton kernel module, interpreted on CPU, with NaN-poisoned output buffers."""
@@ -39,7 +46,7 @@ def tk():
     def poisoned(*shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    mp.setattr(module, "_alloc", poisoned)
+    mp.setattr(common(), "alloc", poisoned)  # every kernel module allocates through it
     yield module
     mp.undo()
 
@@ -321,8 +328,8 @@ def test_prefill_sized_attention_runs_triton(tk, monkeypatch, window):
 def test_tensors_beyond_32_bit_offsets_are_refused(tk):
     huge = torch.empty(2, 2**30, 4, device="meta")  # no memory: only the shape is checked
     with pytest.raises(ValueError, match="32-bit offsets"):
-        tk._check_offsets(k=huge)
-    tk._check_offsets(k=torch.empty(2, 2**20, 4, device="meta"))
+        common().check_offsets(k=huge)
+    common().check_offsets(k=torch.empty(2, 2**20, 4, device="meta"))
 
 
 # ---- the engine with the kernels on ----------------------------------------------------------

@@ -104,7 +104,7 @@ def test_fused_matrix_is_stale_for_a_parametrized_weight():
     """A parametrized Linear has no `weight` entry in `_parameters`: stale (separate Linears), not a KeyError."""
     from torch.nn.utils import parametrize
 
-    from offload_runtime.model import FusedLinear
+    from offload_runtime.fused import FusedLinear
 
     linears = [torch.nn.Linear(8, n, bias=False) for n in (4, 2)]
     fused = FusedLinear(linears)

@@ -10,6 +10,7 @@ from offload_runtime.caches.offloaded import OffloadedCache
 from offload_runtime.context import ContextCaches
 from offload_runtime.kernels import attention_reference
 from offload_runtime.kernels.sdpa import attention_sdpa as sdpa_attention
+from offload_runtime.prefill import prefill_layer_major
 from offload_runtime.settings import EngineSettings
 from offload_runtime.stats import Stats
 
@@ -62,7 +63,7 @@ def test_layer_major_equals_normal_prefill(case, on_chip, checkpoint, tokenizer,
     ref_logits = model(torch.tensor(ids), ref)[-1:]
     cache = (FullCache(cfg, "cpu", torch.float32) if on_chip is None
              else OffloadedCache(cfg, "cpu", torch.float32, capacity=200, on_chip_layers=on_chip))
-    logits = model.forward_layer_major(torch.tensor(ids), cache, chunk_tokens=64)  # 64 + 64 + 22
+    logits = prefill_layer_major(model, torch.tensor(ids), cache, chunk_tokens=64)  # 64 + 64 + 22
     assert (logits - ref_logits).abs().max() < TOL
     assert logits.argmax() == ref_logits.argmax()  # the first token
     _assert_same_cache(cache, ref, n, cfg.num_layers)
@@ -93,8 +94,8 @@ def test_layer_major_on_top_of_existing_rows(checkpoint, tokenizer, long_text):
     ref = FullCache(model.cfg, "cpu", torch.float32)
     ref_logits = model(torch.tensor(ids), ref)[-1:]
     cache = OffloadedCache(model.cfg, "cpu", torch.float32, capacity=128, on_chip_layers=1)
-    model.forward_layer_major(torch.tensor(ids[:70]), cache, chunk_tokens=32)
-    logits = model.forward_layer_major(torch.tensor(ids[70:]), cache, chunk_tokens=32)
+    prefill_layer_major(model, torch.tensor(ids[:70]), cache, chunk_tokens=32)
+    logits = prefill_layer_major(model, torch.tensor(ids[70:]), cache, chunk_tokens=32)
     assert (logits - ref_logits).abs().max() < TOL
     _assert_same_cache(cache, ref, 120, model.cfg.num_layers)
 
@@ -114,7 +115,7 @@ def test_progress_bar_on_stderr(checkpoint, tokenizer, long_text, capsys):
     model = _model(checkpoint, "llama-gqa")
     ids = _ids(tokenizer, long_text, 40)
     cache = OffloadedCache(model.cfg, "cpu", torch.float32, capacity=64, on_chip_layers=1)
-    model.forward_layer_major(torch.tensor(ids), cache, chunk_tokens=16, progress=True)
+    prefill_layer_major(model, torch.tensor(ids), cache, chunk_tokens=16, progress=True)
     captured = capsys.readouterr()
     assert captured.out == "" and "prefill" in captured.err and "/120" in captured.err  # 3 layers x 40 tokens
 
@@ -129,7 +130,7 @@ def test_rows_after_rollback_and_layer_major_rewrite(checkpoint, tokenizer, long
     model(torch.tensor(ids[:60]), cache)
     model(torch.tensor([5, 6, 7]), cache)  # a rejected speculation at rows 60..62
     cache.truncate(60)
-    model.forward_layer_major(torch.tensor(ids[60:]), cache, chunk_tokens=16)
+    prefill_layer_major(model, torch.tensor(ids[60:]), cache, chunk_tokens=16)
     _assert_same_cache(cache, ref, 100, model.cfg.num_layers)
     for layer in range(model.cfg.num_layers):  # exactly the rows the rejected forward had written
         assert (cache.rows(layer, 60, 63)[0] - ref.rows(layer, 60, 63)[0]).abs().max() < TOL

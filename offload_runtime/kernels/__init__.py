@@ -19,7 +19,8 @@ The Triton attention takes any number of queries: decode (gamma+1 queries, the G
 of a KV head packed into one tile, keys split across programs) and prefill (tiles of 64
 queries; key tiles that no query of a tile can see, by position, are skipped).
 TRITON_INTERPRET=1 must be set before the first Triton call: the kernels are compiled or
-interpreted according to it when kernels/triton_kernels.py is first imported (lazily, here).
+interpreted according to it when kernels/triton_kernels.py (which gathers triton_attention.py,
+triton_merge.py and triton_chunks.py) is first imported (lazily, here).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import functools
 import importlib.util
 import os
 from types import ModuleType
+from typing import Callable
+
 import torch
 
 from . import decode
@@ -73,16 +76,19 @@ def load_triton() -> ModuleType:
     return _triton_module
 
 
-def _use_triton(x: torch.Tensor, unsupported: str | None = None) -> bool:
-    """Whether this call goes to Triton (see the module docstring); raises where Triton is forced but cannot run."""
+def _use_triton(x: torch.Tensor, unsupported: Callable[[], str | None]) -> bool:
+    """Whether this call goes to Triton (see the module docstring); raises where Triton is forced but cannot run.
+    `unsupported()` says why the Triton kernel cannot take the inputs (None: it can); it is asked only
+    where Triton could run (not on a plain CPU decode step)."""
     mode = kernel_mode()
     if mode == "reference":
         return False
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if mode == "auto":
-        return (x.is_cuda or interpret) and unsupported is None and triton_available()
-    if unsupported is not None:
-        raise ValueError(f"OFFLOAD_RUNTIME_KERNELS=triton, but the Triton kernel does not take these inputs: {unsupported}")
+        return (x.is_cuda or interpret) and unsupported() is None and triton_available()
+    reason = unsupported()
+    if reason is not None:
+        raise ValueError(f"OFFLOAD_RUNTIME_KERNELS=triton, but the Triton kernel does not take these inputs: {reason}")
     if not x.is_cuda and not interpret:
         raise RuntimeError(f"OFFLOAD_RUNTIME_KERNELS=triton with {x.device.type} tensors needs TRITON_INTERPRET=1 "
                            "(Triton's interpreter) or CUDA tensors")
@@ -92,7 +98,7 @@ def _use_triton(x: torch.Tensor, unsupported: str | None = None) -> bool:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
               sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention by positions, GQA without repeat_kv (see `attention_reference`)."""
-    if _use_triton(q, attention_reason(q, k, v, q_pos, k_pos)):
+    if _use_triton(q, lambda: attention_reason(q, k, v, q_pos, k_pos)):
         return load_triton().attention_triton(q, k, v, q_pos, k_pos, sliding_window)
     if kernel_mode() == "auto" and not q.is_cuda:
         if q.shape[1] <= decode.DECODE_MAX_QUERIES:  # few queries: SDPA without a mask where none is needed
@@ -103,8 +109,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
 
 def chunk_scores(chunk_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """[Hkv, N] fp32 scores of chunk mean keys against the query, GQA heads summed."""
-    reason = chunk_scores_reason(chunk_keys, query)
-    if _use_triton(chunk_keys, reason):
+    if _use_triton(chunk_keys, lambda: chunk_scores_reason(chunk_keys, query)):
         return load_triton().chunk_scores_triton(chunk_keys, query)
     return chunk_scores_reference(chunk_keys, query)
 
