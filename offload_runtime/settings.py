@@ -22,7 +22,7 @@ class EngineSettings:
     refresh_every: int = 0  # rebuild the retrieval selection every N L3 passes (0: never)
     refresh_below: float = 0.0  # ... or when L3's acceptance of L2 over the last REFRESH_WINDOW passes is below this
     pipeline: str = "off"  # draft the next round during the L3 pass: on, off, auto (on when the cache is offloaded)
-    selection: str = "mean-key"  # how L2 scores chunks (caches/selection.py); the others are benchmark baselines
+    selection: str = "best-key"  # how L2 scores chunks (caches/selection.py); the others are benchmark baselines
 
     def __post_init__(self) -> None:
         if self.refresh_every < 0 or not 0 <= self.refresh_below <= 1:

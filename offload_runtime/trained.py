@@ -17,6 +17,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 TARGET = ASSETS / "stories260K"
 DRAFT = ASSETS / "stories260K-draft41K"
 STORY = ASSETS / "story_prompt.txt"
+RECALL = ASSETS / "recall-320K"  # the long-range recall model (recall_task.py, train_recall.py)
 
 
 def story_prompt() -> str:

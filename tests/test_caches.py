@@ -6,6 +6,7 @@ import torch
 from offload_runtime import loading
 from offload_runtime.caches import FullCache
 from offload_runtime.caches.retrieval import RetrievalCache
+from offload_runtime.caches.selection import mean_key_scores
 from offload_runtime.caches.streaming import StreamingCache
 
 
@@ -44,7 +45,8 @@ def test_retrieval_selection_keeps_sinks_best_chunks_and_tail(checkpoint):
     query = torch.zeros(cfg.num_heads, cfg.head_dim)
     query[:2, 0] = 1.0  # query heads 0-1 share KV head 0
     query[2:, 1] = 1.0
-    ret = RetrievalCache(cfg, "cpu", torch.float32, budget=13, chunk_size=c)  # 3 chunks + tail
+    # the cache's mechanics with TriForce's mean-key scores (the engine's best-key: tests/test_selection.py)
+    ret = RetrievalCache(cfg, "cpu", torch.float32, budget=13, chunk_size=c, scorer=mean_key_scores)  # 3 chunks + tail
     ret.build(full, n, [query] * cfg.num_layers)
     assert ret.selected == 13 and ret.length == n
     rows0 = list(range(0, 4)) + list(range(20, 24)) + list(range(36, 40)) + [44]

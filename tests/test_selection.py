@@ -41,6 +41,14 @@ def test_attention_mass_is_the_true_softmax_mass_per_chunk():
     assert selection.attention_mass_scores(keys, query, C)[1].argmax() == 7
 
 
+def test_attention_mass_of_several_query_rows_adds_theirs():
+    keys, query = keys_and_query()
+    other = torch.randn(query.shape, generator=torch.Generator().manual_seed(5))
+    both = selection.attention_mass_scores(keys, torch.stack([query, other], 1), C)
+    torch.testing.assert_close(both, selection.attention_mass_scores(keys, query, C) +
+                               selection.attention_mass_scores(keys, other, C))
+
+
 def test_attention_mass_sees_a_key_a_chunk_mean_hides():
     """One sharp key in a chunk of opposite keys: its mean scores nothing, the oracle finds it."""
     keys, query = keys_and_query()
@@ -49,7 +57,25 @@ def test_attention_mass_sees_a_key_a_chunk_mean_hides():
     keys[0, 4 * C] = 8 * q / q.norm()
     keys[0, 4 * C + 1] = -8 * q / q.norm()
     assert selection.attention_mass_scores(keys, query, C)[0].argmax() == 4
+    assert selection.max_key_scores(keys, query, C)[0].argmax() == 4
     assert selection.mean_key_scores(keys, query, C)[0].argmax() != 4
+
+
+def test_max_key_is_each_chunks_best_key_against_the_summed_query():
+    keys, query = keys_and_query()
+    q = query.reshape(HKV, G, D).sum(1)
+    want = torch.einsum("hd,hnd->hn", q, keys).reshape(HKV, -1, C).amax(-1)
+    torch.testing.assert_close(selection.max_key_scores(keys, query, C), want)
+
+
+def test_best_key_keeps_the_chunk_after_the_one_the_query_found():
+    """A recalled span runs past the chunk its cue matched: the engine keeps the next chunk with it."""
+    keys, query = keys_and_query()
+    keys.mul_(0.01)
+    q = query[:G].sum(0)
+    keys[0, 4 * C + 3] = 8 * q / q.norm()  # the match at the end of chunk 4; the span goes on in chunk 5
+    assert top_chunks(selection.best_key_scores(keys, query, C), 3)[0].tolist() == [0, 4, 5]
+    assert 5 not in top_chunks(selection.max_key_scores(keys, query, C), 3)[0].tolist()
 
 
 def test_recent_keeps_the_newest_chunks_and_random_is_seeded_by_length():

@@ -1,8 +1,9 @@
 """The retrieval cache for L2: a budget-sized sparse copy of the context, on the GPU.
 
 Per layer and KV head, the prompt's K/V rows are split into chunks of `chunk_size`;
-each chunk's mean key is scored against the current query (GQA: the query heads of a
-KV head add their scores; other scorers in selection.py) and the best chunks up to `budget` tokens are kept, chunk 0
+each chunk is scored by its best key against the current query, a chunk right after a
+well-scored one as well as it (GQA: the query heads of a KV head add their scores; the
+scorers are in selection.py) and the best chunks up to `budget` tokens are kept, chunk 0
 (the attention sinks) always. A prompt tail shorter than a chunk is always kept. Every
 generated token's K/V (as the L3 pass computed them) is appended after the selection.
 Keys keep their absolute RoPE rotation, so attention over the subset keeps true
@@ -15,7 +16,7 @@ import torch
 from ..config import ModelConfig
 from ..kernels import attention, top_chunks
 from .base import FullKVCache, KVCache, allocates, grown_capacity, kv_row_bytes, regrown
-from .selection import Scorer, mean_key_scores
+from .selection import Scorer, best_key_scores
 
 RESERVE_ROWS = 64  # rows allocated past the selection at a build (generated tokens)
 BLOCK = 256  # a build allocates whole blocks of rows
@@ -31,7 +32,7 @@ class RetrievalCache(KVCache):
         return cfg.num_layers * (-(-rows // BLOCK) * BLOCK) * kv_row_bytes(cfg, dtype, tp)
 
     def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, budget: int, chunk_size: int,
-                 reserve_rows: int = RESERVE_ROWS, scorer: Scorer = mean_key_scores) -> None:
+                 reserve_rows: int = RESERVE_ROWS, scorer: Scorer = best_key_scores) -> None:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.budget, self.chunk_size = budget, chunk_size
         self.scorer = scorer  # chunk scores per KV head (selection.py)
