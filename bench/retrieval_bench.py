@@ -64,9 +64,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def recall_prompts(context: int, n: int) -> list[list[int]]:
-    """Documents of `context` tokens with the cue of a record planted at least a quarter of the context back."""
+    """Prompts of `context` - 128 tokens (room for the answer within the model's positions): a document
+    and the cue of a record planted at least a quarter of the context back."""
     rng = random.Random(context)
-    return [recall_task.recall_prompt(recall_task.document(rng, context - 3), rng, context // 4)[0] for _ in range(n)]
+    return [recall_task.recall_prompt(recall_task.document(rng, context - 128 - 3), rng, context // 4)[0]
+            for _ in range(n)]
 
 
 def story_prompts(model: Any, n: int, length: int = 448) -> list[list[int]]:

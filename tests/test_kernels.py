@@ -348,7 +348,9 @@ def test_engine_greedy_tokens_unchanged_with_triton_kernels(tk, monkeypatch, che
     draft = loading.load(str(checkpoint("llama", seed=1, num_hidden_layers=1)), DEVICE, "float32")
     prompt = target.tokenizer(long_text)["input_ids"][:100]
     params, n_new = SamplingParams(temperature=0.0), 16
-    settings = EngineSettings(budget=32, chunk_size=4, gamma=4, draft_gamma=2, sinks=4, window=32)
+    # mean-key: the selection that scores chunks with the chunk_scores kernel (the engine's best-key is a matmul)
+    settings = EngineSettings(budget=32, chunk_size=4, gamma=4, draft_gamma=2, sinks=4, window=32,
+                              selection="mean-key")
 
     monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", "reference")
     want = generate_autoregressive(target.model, prompt, n_new, params, eos_ids=[]).token_ids
