@@ -95,7 +95,7 @@ def linears_in_order(model: Any) -> list[torch.Tensor]:
 
 def fused_in_order(model: Any) -> list[torch.Tensor]:
     """The same products with q/k/v and gate/up fused into one weight each: the model's own fused
-    matrices (model.fuse_projections; the separate weights above are views of them)."""
+    matrices (fused.fuse_projections; the separate weights above are views of them)."""
     out = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
