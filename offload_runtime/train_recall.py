@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import math
 import random
 import time
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from . import recall_task as task
-from .errors import OneLineParser
+from .errors import OneLineParser, UserError, error_line
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "recall-320K"
 SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -142,13 +144,44 @@ def save(model: Any, out: Path, info: dict) -> None:
     (out / "train_info.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
+def stage_list(text: str) -> list[tuple[int, int, int]]:
+    """`STEPSxBATCHxLENGTH,...` (--stage3), checked before any training starts."""
+    try:
+        stages = [tuple(int(x) for x in item.split("x")) for item in text.split(",") if item]
+    except ValueError:
+        stages = []
+    if not stages or any(len(s) != 3 or min(s) <= 0 for s in stages):
+        raise argparse.ArgumentTypeError(f"expected STEPSxBATCHxLENGTH[,...] of positive numbers, got {text!r}")
+    return stages
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every mistake refused before minutes of training, not after them."""
+    if min(args.stage1_steps, args.stage2_steps) < 0 or args.eval_prompts < 1:
+        raise UserError("--stage1-steps and --stage2-steps must be >= 0, --eval-prompts >= 1")
+    if not (args.lr > 0 and args.stage3_lr > 0):
+        raise UserError("--lr and --stage3-lr must be positive")
+    if args.resume is not None and not (args.resume / "config.json").is_file():
+        raise UserError(f"--resume {args.resume}: no checkpoint there (config.json missing)")
+    for flag, folder in (("--out", args.out), ("--stage2-out", args.stage2_out)):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{flag} {folder}: {e.strerror or e}") from None
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"{flag} {folder}: not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m offload_runtime.train_recall", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint folder to write")
     p.add_argument("--stage1-steps", type=int, default=2000, help="steps of nearby recalls (64 x 66 tokens)")
     p.add_argument("--stage2-steps", type=int, default=3000,
                    help="steps of the recall task with PoSE (16 x 256 tokens), every other one a stage-1 batch")
-    p.add_argument("--stage3", default="300x4x2048,300x2x4096", help="stage 3 as STEPSxBATCHxLENGTH,...")
+    p.add_argument("--stage3", type=stage_list, default="300x4x2048,300x2x4096",
+                   help="stage 3 as STEPSxBATCHxLENGTH,...")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--stage3-lr", type=float, default=1e-3)
     p.add_argument("--resume", type=Path, default=None,
@@ -156,9 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage2-out", type=Path, default=None, help="also write the checkpoint after stages 1 and 2 here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-prompts", type=int, default=20, help="held-out recalls per context length")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+        check_args(args)
+    except UserError as exc:
+        print(error_line(exc), file=sys.stderr)
+        return 2
     torch.set_num_threads(1)  # one data order and one summation order: the same weights every run
-    stage3 = [tuple(int(x) for x in item.split("x")) for item in args.stage3.split(",") if item]
+    stage3 = args.stage3
     t0, log = time.perf_counter(), []
     if args.resume is None:
         model = build_model(args.seed)
