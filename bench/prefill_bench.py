@@ -6,7 +6,14 @@
 Ours is the engine's own prefill (`Session.extend`: token chunks of PREFILL_CHUNK into the full
 cache, last logits only); transformers' is what `generate` does before its first token (one
 forward with a DynamicCache and logits_to_keep=1). The two alternate within each repeat, so load
-on the machine hits both alike; medians are reported, and the first token must be the same.
+on the machine hits both alike, after one untimed call of each; medians are reported, and the first
+token must be the same.
+
+The floor is compute: the multiply-adds of one full forward of the prompt (every row through every
+layer's projections, causal attention; the head for the last row) over this machine's fp32 matmul
+best rate, measured in the same run on the model's own largest product (the fused gate/up projection
+of a 1024-token chunk). Ours skips the last layer's attention and MLP for all but the last rows
+(model.py), about 1/layers of that work, so it can come under the floor by up to that share.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import torch
 from offload_runtime.sampling import SamplingParams
 from offload_runtime.session import Session
 
-from .models import SHAPES, build_pair
+from .models import SHAPES, Shape, build_pair
 from .common import RESULTS, machine_info, make_prompt, markdown_table, write_json
 
 
@@ -45,6 +52,27 @@ def theirs(hf: Any, prompt: list[int]) -> tuple[float, int]:
     return seconds, int(out.logits[0, -1].argmax())
 
 
+def forward_flops(shape: Shape, tokens: int) -> float:
+    """Floating-point operations of one full causal forward of `tokens` (logits of the last row only)."""
+    d = shape.hidden // shape.heads
+    projections = shape.hidden * (shape.heads + 2 * shape.kv_heads) * d + shape.heads * d * shape.hidden \
+        + 3 * shape.hidden * shape.intermediate
+    attention = 2 * shape.heads * d * tokens * (tokens + 1) / 2  # QK^T and PV over the causal triangle
+    return 2 * (shape.layers * (projections * tokens + attention) + shape.hidden * shape.vocab)
+
+
+def matmul_gflops(shape: Shape, repeats: int = 25) -> float:
+    """This machine's best fp32 rate on the model's largest product (a 1024-token chunk times gate/up):
+    the fastest of the repeats, as a floor wants."""
+    a, b = torch.randn(1024, shape.hidden), torch.randn(shape.hidden, 2 * shape.intermediate)
+    times = []
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / min(times[2:]) / 1e9
+
+
 def bench_context(hf: Any, model: Any, context: int, repeats: int) -> dict:
     prompt = make_prompt(context, model.cfg.vocab_size, None)
     times: dict[str, list[float]] = {"ours": [], "transformers": []}
@@ -59,6 +87,13 @@ def bench_context(hf: Any, model: Any, context: int, repeats: int) -> dict:
             "seconds": times, "same_first_token": len(firsts) == 1}
 
 
+def with_floor(row: dict, shape: Shape, gflops: float) -> dict:
+    """The row with the compute floor (seconds) and each system's median time over it."""
+    floor = forward_flops(shape, row["context"]) / (gflops * 1e9)
+    over = {k: statistics.median(v) / floor for k, v in row["seconds"].items()}
+    return {**row, "floor_s": floor, "over_floor": over}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="small", choices=sorted(SHAPES))
@@ -67,20 +102,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
-    hf, model = build_pair(SHAPES[args.shape], torch.device("cpu"), torch.float32)
+    shape = SHAPES[args.shape]
+    hf, model = build_pair(shape, torch.device("cpu"), torch.float32)
+    gflops = matmul_gflops(shape)
+    print(f"fp32 matmul rate: {gflops:.0f} GFLOP/s", file=sys.stderr, flush=True)
+    warm_up = make_prompt(min(args.contexts), model.cfg.vocab_size, None)
+    ours(model, warm_up), theirs(hf, warm_up)  # first calls (allocator, lazy inits) untimed, for both alike
     rows = []
     for context in args.contexts:
-        row = bench_context(hf, model, context, args.repeats)
+        row = with_floor(bench_context(hf, model, context, args.repeats), shape, gflops)
         rows.append(row)
         print(f"{args.shape} @ {context}: ours {row['tok_s']['ours']:.0f} tok/s, transformers "
               f"{row['tok_s']['transformers']:.0f} tok/s: {row['ours_over_transformers']:.2f}x, first token "
-              f"{'same' if row['same_first_token'] else 'DIFFERENT'}", file=sys.stderr, flush=True)
+              f"{'same' if row['same_first_token'] else 'DIFFERENT'}; ours {row['over_floor']['ours']:.2f}x the "
+              f"compute floor ({row['floor_s']:.2f} s)", file=sys.stderr, flush=True)
     result = {"benchmark": "prefill_bench", "machine": machine_info(torch.device("cpu")), "shape": args.shape,
-              "repeats": args.repeats, "rows": rows}
+              "repeats": args.repeats, "matmul_gflops": gflops, "rows": rows}
     path = write_json(args.out, f"prefill_bench_{args.shape}", result, args.tag)
-    print(markdown_table(["context", "ours tok/s", "transformers tok/s", "ours / transformers", "same first token"],
+    print(markdown_table(["context", "ours tok/s", "transformers tok/s", "ours / transformers", "floor s",
+                          "ours / floor", "transformers / floor", "same first token"],
                          [[r["context"], f"{r['tok_s']['ours']:.0f}", f"{r['tok_s']['transformers']:.0f}",
-                           f"{r['ours_over_transformers']:.2f}", "yes" if r["same_first_token"] else "NO"] for r in rows]))
+                           f"{r['ours_over_transformers']:.2f}", f"{r['floor_s']:.2f}", f"{r['over_floor']['ours']:.2f}",
+                           f"{r['over_floor']['transformers']:.2f}", "yes" if r["same_first_token"] else "NO"]
+                          for r in rows]))
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from offload_runtime import loading, recall_task, trained
-from offload_runtime.caches.full import RECENT_QUERIES, FullCache
+from offload_runtime.caches.base import RECENT_QUERIES
+from offload_runtime.caches.full import FullCache
 from offload_runtime.sampling import SamplingParams
 from offload_runtime.session import Session
 from offload_runtime.settings import EngineSettings

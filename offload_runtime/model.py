@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .caches.base import KVCache
+from .caches.base import RECENT_QUERIES, KVCache
 from .config import ModelConfig
 from .fused import FusedLinear, project
 from .rope import RotaryEmbedding, apply_rotary
@@ -50,14 +50,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.qkv: FusedLinear | None = None  # set by fuse_projections
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                rows: int | None = None) -> torch.Tensor:
+        """Every token's K/V goes to the cache; the output is that of the last `rows` tokens (all by default)."""
         t = x.shape[0]
+        rows = t if rows is None else rows
         # Head counts come from the weights, so a tensor-parallel shard of this module works unchanged.
         nq, nk = self.q_proj.weight.shape[0] // self.head_dim, self.k_proj.weight.shape[0] // self.head_dim
         heads = project(self, "qkv", [self.q_proj, self.k_proj, self.v_proj], x).view(t, -1, self.head_dim).transpose(0, 1)
         qk = apply_rotary(heads[:nq + nk], cos, sin)  # q and k rotated in one go
-        out = cache.attend(self.layer, qk[:nq], qk[nq:], heads[nq + nk:])  # [Hq, T, D]
-        return self.o_proj(out.transpose(0, 1).reshape(t, -1))
+        out = cache.attend(self.layer, qk[:nq, t - rows:], qk[nq:], heads[nq + nk:])  # [Hq, rows, D]
+        return self.o_proj(out.transpose(0, 1).reshape(rows, -1))
 
 
 class MLP(nn.Module):
@@ -81,8 +84,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                rows: int | None = None) -> torch.Tensor:
+        """Hidden states of the last `rows` tokens (all by default) after the layer; every token's K/V is cached.
+        A prompt's last layer needs few rows: the rest of its attention and MLP would feed no logit."""
+        x_in = x if rows is None else x[x.shape[0] - rows:]
+        x = x_in + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -143,7 +150,11 @@ class CausalLM(nn.Module):
                 cache.advance(1)
                 return logits
         x, cos, sin = self._embed(tokens, cache)
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache) if run_layer is None else run_layer(i, layer, x, cos, sin)
+            if run_layer is not None:
+                x = run_layer(i, layer, x, cos, sin)
+            else:  # with last_only, the last layer's attention and MLP run for the rows the cache keeps queries of
+                x = layer(x, cos, sin, cache, min(x.shape[0], RECENT_QUERIES) if last_only and i == last else None)
         cache.advance(tokens.shape[0])
         return self.head(x[-1:] if last_only else x)

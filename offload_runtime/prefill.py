@@ -18,8 +18,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .caches.base import FullKVCache, KVCache
-from .caches.full import RECENT_QUERIES
+from .caches.base import RECENT_QUERIES, FullKVCache, KVCache
 from .kernels import attention
 from .model import CausalLM, DecoderLayer
 
@@ -52,7 +51,7 @@ class LayerWriter(KVCache):
         self.recent = recent[:, -RECENT_QUERIES:].clone()
         pos = torch.arange(b, device=q.device)
         self.length = b
-        return attention(q, self.k[:, :b], self.v[:, :b], pos[a:], pos, self.window)
+        return attention(q, self.k[:, :b], self.v[:, :b], pos[b - q.shape[1]:], pos, self.window)
 
     def truncate(self, length: int) -> None:
         raise NotImplementedError("a layer writer only appends")
@@ -77,7 +76,10 @@ def prefill_layer_major(model: CausalLM, tokens: torch.Tensor, cache: FullKVCach
         bar.set_postfix_str(f"layer {i + 1}/{layers}", refresh=False)
         for a in range(0, n, chunk_tokens):
             b = min(n, a + chunk_tokens)
-            x[a:b] = layer(x[a:b], cos[a:b], sin[a:b], writer)
+            # The last layer's outputs feed only the last logit, and its queries only the kept recent
+            # rows: a chunk before those rows runs one query (its K/V all written), and x keeps stale rows.
+            rows = max(1, b - max(a, n - RECENT_QUERIES)) if i == layers - 1 else b - a
+            x[b - rows:b] = layer(x[a:b], cos[a:b], sin[a:b], writer, rows)
             bar.update(b - a)
         cache.recent_queries[i] = writer.recent
         if on_layer is not None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .caches.full import RECENT_QUERIES
+from .caches.base import RECENT_QUERIES
 from .caches.selection import SCORERS
 from .errors import UserError
 

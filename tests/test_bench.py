@@ -161,3 +161,30 @@ def test_pipeline_benchmark_tiny(tmp_path, capsys):
     assert pipeline_bench.main(common + ["--emulate-link", "-1"]) == 2
     if not torch.cuda.is_available():
         assert pipeline_bench.main(common + ["--device", "cuda"]) == 2
+
+
+def test_prefill_floor_counts_what_a_flop_counter_counts():
+    """The prefill benchmark's floor: its multiply-add count equals torch's FLOP counter on transformers'
+    eager forward (which computes the whole T x T score matrix: the masked half added back)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.models import SHAPES, build_pair
+    from bench.prefill_bench import forward_flops
+
+    shape, t = SHAPES["tiny"], 32
+    hf, _ = build_pair(shape, torch.device("cpu"), torch.float32)
+    hf.config._attn_implementation = "eager"
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        hf(input_ids=torch.zeros(1, t, dtype=torch.long), logits_to_keep=1)
+    masked_half = 2 * shape.layers * 2 * shape.hidden * (t * t - t * (t + 1) // 2)  # heads x head_dim = hidden
+    assert counter.get_total_flops() == forward_flops(shape, t) + masked_half
+
+
+def test_prefill_benchmark_tiny(tmp_path, capsys):
+    from bench.prefill_bench import main as prefill_main
+
+    assert prefill_main(["--shape", "tiny", "--contexts", "64", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("prefill_bench_tiny*.json")
+    [row] = json.loads(path.read_text())["rows"]
+    assert row["same_first_token"] and row["floor_s"] > 0 and set(row["over_floor"]) == {"ours", "transformers"}
+    assert "ours / floor" in capsys.readouterr().out

@@ -134,3 +134,48 @@ def test_rows_after_rollback_and_layer_major_rewrite(checkpoint, tokenizer, long
     _assert_same_cache(cache, ref, 100, model.cfg.num_layers)
     for layer in range(model.cfg.num_layers):  # exactly the rows the rejected forward had written
         assert (cache.rows(layer, 60, 63)[0] - ref.rows(layer, 60, 63)[0]).abs().max() < TOL
+
+
+class _FirstRowsCache(FullCache):
+    """Sabotage: a cache that reads a short query block as the first rows of the forward (the
+    contract before `attend` took fewer queries than new rows)."""
+
+    def attend(self, layer, q, k, v):
+        end = self.length + k.shape[1]
+        self._reserve(end) if layer == 0 else None
+        self.k[layer][:, self.length:end], self.v[layer][:, self.length:end] = k, v
+        self.recent_queries[layer] = q[:, -64:].clone()
+        pos = torch.arange(end)
+        return attention_reference(q, self.k[layer][:, :end], self.v[layer][:, :end],
+                                   pos[self.length:self.length + q.shape[1]], pos, self.cfg.sliding_windows[layer])
+
+
+def _last_only_gap(model, ids, cache_type):
+    """Largest gap between a last-only forward and a full forward (last row, cache rows, recent queries)."""
+    ref, cache = FullCache(model.cfg, "cpu", torch.float32), cache_type(model.cfg, "cpu", torch.float32)
+    want = model(torch.tensor(ids), ref)[-1:]
+    got = model(torch.tensor(ids), cache, last_only=True)
+    gap = (got - want).abs().max().item()
+    for layer in range(model.cfg.num_layers):
+        for a, b in zip(cache.rows(layer, 0, len(ids)), ref.rows(layer, 0, len(ids))):
+            gap = max(gap, (a - b).abs().max().item())
+        assert cache.recent_queries[layer].shape == ref.recent_queries[layer].shape  # the same rows are kept
+        gap = max(gap, (cache.recent_queries[layer] - ref.recent_queries[layer]).abs().max().item())
+    return gap
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_last_only_runs_the_last_layer_for_the_last_rows_only(case, checkpoint, tokenizer, long_text):
+    """With last_only the last layer's attention and MLP run for the kept query rows only (its K/V
+    for every token): the logit, the cache and the kept queries equal a full forward's."""
+    model = _model(checkpoint, case)
+    ids = _ids(tokenizer, long_text, 150)
+    rows_seen = []
+    hook = model.model.layers[-1].mlp.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
+    try:
+        assert _last_only_gap(model, ids, FullCache) < TOL
+    finally:
+        hook.remove()
+    assert rows_seen == [150, 64]  # the full forward, then the last-only one (RECENT_QUERIES rows)
+    # sabotage: a cache that places the short query block at the forward's first rows is caught
+    assert _last_only_gap(model, ids, _FirstRowsCache) > 100 * TOL

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+RECENT_QUERIES = 64  # query rows kept per layer, for (re-)building the retrieval selection
+
 
 class KVCache(ABC):
     length: int
@@ -26,7 +28,8 @@ class KVCache(ABC):
 
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store k/v [Hkv, T, D] as rows length..length+T of `layer`; return attention of q [Hq, T, D]."""
+        """Store k/v [Hkv, T, D] as rows length..length+T of `layer`; return attention of q [Hq, Tq, D],
+        the queries of the last Tq <= T of those rows (a prompt's last layer needs only its last rows)."""
 
     def one_token_rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
         """For the compiled one-token step (compiled.py): every layer's K and V buffers [Hkv, rows, D]

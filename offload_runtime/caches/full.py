@@ -5,9 +5,7 @@ import torch
 
 from ..config import ModelConfig
 from ..kernels import attention
-from .base import FullKVCache, allocates, grown_capacity, kv_row_bytes, regrown
-
-RECENT_QUERIES = 64  # query rows kept per layer, for (re-)building the retrieval selection
+from .base import RECENT_QUERIES, FullKVCache, allocates, grown_capacity, kv_row_bytes, regrown
 
 
 class FullCache(FullKVCache):
@@ -47,7 +45,7 @@ class FullCache(FullKVCache):
         self.recent_queries[layer] = q[:, -RECENT_QUERIES:].clone()
         k_pos = torch.arange(end, device=q.device)
         return attention(
-            q, self.k[layer][:, :end], self.v[layer][:, :end], k_pos[self.length :], k_pos,
+            q, self.k[layer][:, :end], self.v[layer][:, :end], k_pos[end - q.shape[1] :], k_pos,
             self.cfg.sliding_windows[layer],
         )
 

@@ -16,8 +16,7 @@ from ..config import ModelConfig
 from ..cuda_streams import SLABS, Backend, LayerPipeline, TransferStats, make_backend
 from ..errors import UserError
 from ..kernels import attention
-from .base import FullKVCache, kv_row_bytes
-from .full import RECENT_QUERIES
+from .base import RECENT_QUERIES, FullKVCache, kv_row_bytes
 
 KEEP_NEW_ROWS = 64  # a forward of at most this many tokens keeps its K/V on the device for rows()
 __all__ = ["OffloadedCache", "kv_row_bytes", "KEEP_NEW_ROWS"]
@@ -120,7 +119,7 @@ class OffloadedCache(FullKVCache):
         self.recent_queries[layer] = q[:, -RECENT_QUERIES:].clone()
         self._new[layer] = (start, k.clone(), v.clone()) if n <= KEEP_NEW_ROWS else None  # not views of q/k/v
         k_pos = torch.arange(end, device=q.device)
-        out = attention(q, k_buf[:, :end], v_buf[:, :end], k_pos[start:], k_pos,
+        out = attention(q, k_buf[:, :end], v_buf[:, :end], k_pos[end - q.shape[1]:], k_pos,
                              self.cfg.sliding_windows[layer])
         self.close_layer(layer, start, end)
         return out

@@ -125,7 +125,7 @@ class RetrievalCache(KVCache):
         self.k[layer][:, a:b] = k
         self.v[layer][:, a:b] = v
         pos = self.pos[layer]
-        return attention(q, self.k[layer][:, :b], self.v[layer][:, :b], pos[0, a:b], pos[:, :b],
+        return attention(q, self.k[layer][:, :b], self.v[layer][:, :b], pos[0, b - q.shape[1]:b], pos[:, :b],
                          self.cfg.sliding_windows[layer])
 
     def one_token_rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:

@@ -52,7 +52,7 @@ class StreamingCache(KVCache):
         self.k[layer][:, self.length : end] = k
         self.v[layer][:, self.length : end] = v
         k_pos = torch.arange(end, device=q.device)
-        return attention(q, self.k[layer][:, :end], self.v[layer][:, :end], k_pos[self.length :], k_pos, None)
+        return attention(q, self.k[layer][:, :end], self.v[layer][:, :end], k_pos[end - q.shape[1] :], k_pos, None)
 
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self.length:
