@@ -41,11 +41,12 @@ fi
 
 # ==================== section: offload (issue 4) ====================
 # Host-resident full cache and transfer scheduler on CUDA (streams, events, pinned host
-# memory), offloaded parity, the link probe; then link bandwidth, achieved H2D GB/s and the
-# share of an L3 pass the compute waited on copies.
+# memory), offloaded parity, the link probe, a KV-store restore into CUDA caches and the
+# server's pooled contexts with host-resident caches (issue 24); then link bandwidth, achieved
+# H2D GB/s and the share of an L3 pass the compute waited on copies.
 if want offload; then
     section "offload: CUDA tests"
-    timeout 150 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_offload.py -rs 2>&1 | tee "$OUT/offload_cuda_tests.log" || status=1
+    timeout 200 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda_offload.py tests/test_serve_contexts.py -rs 2>&1 | tee "$OUT/offload_cuda_tests.log" || status=1
     section "offload: link and L3 pass"
     timeout 180 $PY bench/offload_check.py --out "$OUT/offload_check.json" 2>&1 | tee "$OUT/offload_check.log" || status=1
 fi

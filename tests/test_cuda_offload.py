@@ -15,8 +15,10 @@ from offload_runtime.generate import generate_triforce
 from offload_runtime.settings import EngineSettings
 from offload_runtime.generate import generate_autoregressive
 from offload_runtime.fused import fuse_projections
+from offload_runtime.kv_store import BLOCK, KVStore
 from offload_runtime.model import CausalLM
 from offload_runtime.sampling import SamplingParams
+from offload_runtime.session import Session
 from offload_runtime.synthetic import hf_config, randomize
 
 pytestmark = [
@@ -63,14 +65,14 @@ def test_no_device_synchronize_in_the_hot_loop(monkeypatch):
     _pass(pipe, 512, 7)
 
 
-def _model(layers: int = 3) -> CausalLM:
+def _model(layers: int = 3, device: str = "cuda") -> CausalLM:
     cfg = ModelConfig.from_hf(hf_config("llama", 320, num_hidden_layers=layers, hidden_size=128,
                                         num_attention_heads=4, num_key_value_heads=2))
     model = CausalLM(cfg)
     randomize(model)
     model.tie_weights()
-    model.rope.to("cuda")  # not an nn.Module: moved by hand, as loading does
-    return fuse_projections(model.to("cuda").eval().requires_grad_(False))  # as loading.load leaves it
+    model.rope.to(device)  # not an nn.Module: moved by hand, as loading does
+    return fuse_projections(model.to(device).eval().requires_grad_(False))  # as loading.load leaves it
 
 
 @pytest.mark.parametrize("on_chip", [0, 1, 3])
@@ -111,3 +113,28 @@ def test_link_probe_measures():
     gbps = link_bandwidth("cuda", refresh=True)
     assert 0.5 < gbps < 1000
     assert link_bandwidth("cuda") == gbps  # cached
+
+
+def restore_round_trip(model: CausalLM, store_dir, offloaded: bool) -> tuple[list[int], list[int], int]:
+    """(cold tokens, tokens after a restart that restores the document from the KV store, rows restored)."""
+    ids = torch.randint(0, 320, (2 * BLOCK + 40,), generator=torch.Generator().manual_seed(2)).tolist()
+    settings = EngineSettings(budget=64, chunk_size=8, gamma=4, sinks=4, window=64)
+    runs = []
+    for _ in range(2):  # cold (the blocks are saved), then as a fresh process would (they are restored)
+        capacity = len(ids) + 24
+        cache = OffloadedCache(model.cfg, model.device, torch.float32, capacity, 1) if offloaded else None
+        session = Session(model, None, SamplingParams(), [], settings, torch.Generator(), "triforce", cache=cache,
+                          capacity=capacity, kv_store=KVStore(store_dir, model))
+        session.extend(ids)
+        result = session.generate(16)
+        runs.append((result.token_ids, result.stats["restored_tokens"]))
+    assert runs[0][1] == 0
+    return runs[0][0], runs[1][0], runs[1][1]
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_cuda_restore_from_the_kv_store_gives_the_cold_tokens(offloaded, tmp_path):
+    """A document's blocks restored into a CUDA cache (the on-device one, or pinned host rows) give the
+    cold prefill's tokens."""
+    cold, warm, restored = restore_round_trip(_model(), tmp_path, offloaded)
+    assert restored == 2 * BLOCK and warm == cold
