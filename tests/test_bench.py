@@ -180,11 +180,34 @@ def test_prefill_floor_counts_what_a_flop_counter_counts():
     assert counter.get_total_flops() == forward_flops(shape, t) + masked_half
 
 
+def test_prefill_floor_of_ours_counts_what_our_forward_does(monkeypatch):
+    """Ours' floor: a last-only forward of one chunk, counted by torch's FLOP counter with the reference
+    attention (which scores every key of the block: the masked part added back), equals ours_flops."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.models import SHAPES, build_pair
+    from bench.prefill_bench import ours_flops
+    from offload_runtime.caches import FullCache
+
+    monkeypatch.setenv("OFFLOAD_RUNTIME_KERNELS", "reference")
+    shape, t = SHAPES["tiny"], 100
+    _, model = build_pair(shape, torch.device("cpu"), torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(t, dtype=torch.long), FullCache(model.cfg, "cpu", torch.float32), last_only=True)
+
+    def masked(rows):  # score products of keys after each query row
+        return 2 * 2 * shape.hidden * sum(t - (p + 1) for p in rows)
+
+    masked_total = (shape.layers - 1) * masked(range(t)) + masked(range(t - 64, t))  # the last layer: 64 rows
+    assert counter.get_total_flops() == ours_flops(shape, t) + masked_total
+
+
 def test_prefill_benchmark_tiny(tmp_path, capsys):
     from bench.prefill_bench import main as prefill_main
 
-    assert prefill_main(["--shape", "tiny", "--contexts", "64", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert prefill_main(["--shape", "tiny", "--contexts", "100", "--repeats", "1", "--out", str(tmp_path)]) == 0
     [path] = tmp_path.glob("prefill_bench_tiny*.json")
     [row] = json.loads(path.read_text())["rows"]
-    assert row["same_first_token"] and row["floor_s"] > 0 and set(row["over_floor"]) == {"ours", "transformers"}
-    assert "ours / floor" in capsys.readouterr().out
+    assert row["same_first_token"] and set(row["over_floor"]) == {"ours", "transformers"}
+    assert 0 < row["flops"]["ours"] < row["flops"]["transformers"]  # ours skips the last layer's unused rows
+    assert "ours / its floor" in capsys.readouterr().out

@@ -123,8 +123,8 @@ def restore_round_trip(model: CausalLM, store_dir, offloaded: bool) -> tuple[lis
     for _ in range(2):  # cold (the blocks are saved), then as a fresh process would (they are restored)
         capacity = len(ids) + 24
         cache = OffloadedCache(model.cfg, model.device, torch.float32, capacity, 1) if offloaded else None
-        session = Session(model, None, SamplingParams(), [], settings, torch.Generator(), "triforce", cache=cache,
-                          capacity=capacity, kv_store=KVStore(store_dir, model))
+        session = Session(model, None, SamplingParams(), [], settings, torch.Generator(model.device), "triforce",
+                          cache=cache, capacity=capacity, kv_store=KVStore(store_dir, model))
         session.extend(ids)
         result = session.generate(16)
         runs.append((result.token_ids, result.stats["restored_tokens"]))

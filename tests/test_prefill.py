@@ -67,6 +67,7 @@ def test_layer_major_equals_normal_prefill(case, on_chip, checkpoint, tokenizer,
     assert (logits - ref_logits).abs().max() < TOL
     assert logits.argmax() == ref_logits.argmax()  # the first token
     _assert_same_cache(cache, ref, n, cfg.num_layers)
+    assert all(q.shape[1] == 64 for q in cache.recent_queries)  # the last 64 rows' queries, every layer
 
 
 def test_layer_major_builds_the_same_retrieval_selection(checkpoint, tokenizer, long_text):
