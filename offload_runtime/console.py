@@ -55,8 +55,11 @@ class PrefillProgress:
 
 
 def answer_summary(stats: dict, lead: list[str] | None = None) -> str:
-    """One line after an answer: tokens, prefill, speed, tokens per L3 pass, offload traffic."""
+    """One line after an answer: tokens, rows restored from the KV store, prefill, speed, tokens per L3 pass,
+    offload traffic."""
     parts = list(lead or []) + [f"{stats.get('new_tokens')} tokens"]
+    if stats.get("restored_tokens"):
+        parts.append(f"restored {stats['restored_tokens']} tok")
     if stats.get("prefill_s"):
         parts.append(f"prefill {stats.get('prefilled_tokens', 0)} tok in {stats['prefill_s']:.2f}s")
     if stats.get("decode_tokens_per_s"):

@@ -198,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     """python -m offload_runtime.kv_store DIR [--clear | --max-gb N]: list (default), clear or trim a store."""
     p = OneLineParser(prog="python -m offload_runtime.kv_store", description=main.__doc__)
     p.add_argument("store", help="the folder given to --kv-store")
-    p.add_argument("--clear", action="store_true", help="delete everything in the store")
-    p.add_argument("--max-gb", type=float, help="delete least recently used blocks down to this size")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--clear", action="store_true", help="delete everything in the store")
+    action.add_argument("--max-gb", type=float, help="delete least recently used blocks down to this size")
     try:
         args = p.parse_args(argv)
         if args.max_gb is not None and not (args.max_gb >= 0 and args.max_gb != float("inf")):
@@ -210,16 +211,24 @@ def main(argv: list[str] | None = None) -> int:
         print(error_line(exc), file=sys.stderr)
         return 2
     if args.clear:
-        print(f"deleted {clear(args.store)} blocks")
+        print(f"deleted {blocks(clear(args.store))}")
         return 0
     if args.max_gb is not None:
-        print(f"deleted {evict(args.store, int(args.max_gb * 2**30))} blocks")
-    for e in describe(args.store):
+        print(f"deleted {blocks(evict(args.store, int(args.max_gb * 2**30)))}")
+    models = [e for e in describe(args.store) if e["blocks"]]
+    if not models:
+        print(f"{args.store}: empty (no blocks)")
+    for e in models:
         m = e["model"] or {}
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["last_used"] else "-"
         print(f"{e['folder']}: {m.get('config', {}).get('model_type', '?')} {m.get('dtype', '?')}, "
-              f"{e['blocks']} blocks ({e['tokens']} tokens), {e['bytes'] / 2**30:.2f} GiB, last used {used}")
+              f"{blocks(e['blocks'])} ({e['tokens']} tokens), {e['bytes'] / 2**30:.2f} GiB, last used {used}")
     return 0
+
+
+def blocks(n: int) -> str:
+    """'1 block', '2 blocks'."""
+    return f"{n} block" + ("" if n == 1 else "s")
 
 
 if __name__ == "__main__":

@@ -219,9 +219,21 @@ def test_least_recently_used_blocks_go_first_and_the_store_lists_and_clears(pair
     assert kv_store.evict(tmp_path, size + 10) == 1
     assert not first.exists() and store.cached_prefix(other) == BLOCK
     assert kv_store.main([str(tmp_path)]) == 0
-    assert "1 blocks (256 tokens)" in capsys.readouterr().out
+    assert "1 block (256 tokens)" in capsys.readouterr().out
     assert kv_store.main([str(tmp_path), "--clear"]) == 0 and store.cached_prefix(other) == 0
+    assert capsys.readouterr().out == "deleted 1 block\n"
+    assert kv_store.main([str(tmp_path)]) == 0  # the model's folder is gone, and the store says it is empty
+    assert capsys.readouterr().out == f"{tmp_path}: empty (no blocks)\n"
     assert kv_store.main([str(tmp_path / "missing")]) == 2
+
+
+def test_the_store_command_on_a_folder_without_blocks_says_so(tmp_path, capsys):
+    (tmp_path / "v1" / "abc").mkdir(parents=True)  # a model's folder whose blocks were all evicted
+    for folder in (tmp_path, tmp_path / "v1"):
+        assert kv_store.main([str(folder)]) == 0
+        assert capsys.readouterr().out == f"{folder}: empty (no blocks)\n"
+    assert kv_store.main([str(tmp_path), "--max-gb", "1"]) == 0
+    assert capsys.readouterr().out == f"deleted 0 blocks\n{tmp_path}: empty (no blocks)\n"
 
 
 def test_cli_second_run_restores_the_document(tmp_path, capsys, story, reference):
@@ -237,6 +249,13 @@ def test_cli_second_run_restores_the_document(tmp_path, capsys, story, reference
         runs.append(json.loads(capsys.readouterr().out))
     assert runs[0]["token_ids"] == runs[1]["token_ids"] == reference
     assert [r["stats"]["restored_tokens"] for r in runs] == [0, BLOCK]
+    # without --json the summary line on stderr says what was restored, and nothing of it when nothing was
+    plain = [a for a in argv if a != "--json"]
+    for store_dir, said in [(store, f"restored {BLOCK} tok, prefill {len(story) - BLOCK} tok in "),
+                            (tmp_path / "cold", f"tokens, prefill {len(story)} tok in ")]:
+        assert main(plain[:-1] + [str(store_dir)]) == 0
+        summary = capsys.readouterr().err.strip().splitlines()[-1]
+        assert said in summary and summary.count("restored") == (store_dir == store), summary
     assert main(argv[:-2] + ["--kv-store", str(trained.STORY)]) == 2  # a file, not a folder
     assert "is not a folder" in capsys.readouterr().err
     assert main(["--kv-store", str(store)]) == 2  # the demo takes no store
@@ -257,7 +276,8 @@ def test_bad_store_flags_are_one_line(tmp_path, capsys, argv, message):
 
 @pytest.mark.parametrize("argv, message", [(["--max-gb", "-1"], "--max-gb must be a number of GB >= 0"),
                                            (["--max-gb", "inf"], "--max-gb must be a number of GB >= 0"),
-                                           (["--max-gb", "x"], "invalid float value"), (["--frobnicate"], "unrecognized")])
+                                           (["--max-gb", "x"], "invalid float value"), (["--frobnicate"], "unrecognized"),
+                                           (["--clear", "--max-gb", "3"], "not allowed with argument --clear")])
 def test_the_store_command_answers_mistakes_in_one_line(tmp_path, capsys, argv, message):
     assert kv_store.main([str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
