@@ -119,6 +119,7 @@ def test_document_chat_reuses_the_prefix_and_answers_as_the_cli(server, models, 
     assert stats2["prefilled_tokens"] == n2 - reply.usage.prompt_tokens_details.cached_tokens
     assert stats2["prefilled_tokens"] <= n2 - n1 + 1 < n1 // 4  # the new tokens (+ the last cached one) only
     assert stats2["reused_prefix_tokens"] >= n1 and stats2["retrieval_builds"] == 1  # re-selected for the question
+    assert stats2["reused_prefix_tokens"] + stats2["prefilled_tokens"] == n2  # no row counted twice
     assert stats2["tokens_per_l3_pass"] >= 1 and stats2["l3_passes"] > 0
     # the greedy answers equal the CLI's single-shot answers on the same rendered conversations
     for messages, text, n in [(first, text1, 12), (second, reply.choices[0].message.content, 10)]:

@@ -378,7 +378,9 @@ def test_a_client_leaving_during_prefill_cancels_it_and_the_session_stays_whole(
     assert engine.session.stats.prefilled_tokens - prefilled == 4  # one chunk, then it stopped
     # the same question then reuses the document's rows and answers as the target alone does
     again = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=6)
-    assert again.model_extra["offload_runtime"]["reused_prefix_tokens"] == shared
+    # the cut-back kept the document's rows but its last token's logits: that token is fed again
+    reused = again.model_extra["offload_runtime"]["reused_prefix_tokens"]
+    assert reused == shared - 1 == again.usage.prompt_tokens - again.model_extra["offload_runtime"]["prefilled_tokens"]
     assert again.choices[0].message.content == answer(ids, 6)
 
 
@@ -427,7 +429,11 @@ def test_stop_string_and_cancel_with_the_cache_host_resident(offloaded, server, 
     # the host-resident prefix survived both: the same question reuses it and answers the same
     again = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=12)
     assert again.choices[0].message.content == text
-    assert again.model_extra["offload_runtime"]["reused_prefix_tokens"] == again.usage.prompt_tokens
+    # every prompt row was in the cache, but the last token is fed again for its logits (reused + prefilled =
+    # the prompt, cached_tokens = reused)
+    stats, n = again.model_extra["offload_runtime"], again.usage.prompt_tokens
+    assert (stats["reused_prefix_tokens"], stats["prefilled_tokens"]) == (n - 1, 1)
+    assert again.usage.prompt_tokens_details.cached_tokens == n - 1
 
 
 # -- serve.py: --api-key and --max-body-mb --------------------------------------------------------------

@@ -20,6 +20,7 @@ from serve_harness import StatusRecorder
 
 from offload_runtime import serve
 from offload_runtime.server import schema as server_schema
+from offload_runtime.server.requests import ApiError
 
 ASSETS = Path(__file__).resolve().parents[1] / "offload_runtime" / "assets"
 MODEL = "stories"
@@ -252,3 +253,14 @@ def test_the_fuzz_finds_a_5xx_once_a_validation_is_removed(app, monkeypatch, rem
     answers = asyncio.run(send_all(app, generate(seed=25, n_random=RANDOM), stop_at_5xx=True))
     assert answers[-1][2] >= 500 or app.failures, f"{removed}: no 5xx in {len(answers)} requests"
     app.failures.clear()
+
+
+@pytest.mark.parametrize("kind, body, message", [
+    (server_schema.ChatRequest, {"messages": []}, "messages: must be a non-empty list of messages, got []"),
+    (server_schema.CompletionRequest, {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
+     "stop: must be a non-empty string or a list of at most 4 of them, got ['a', 'b', 'c', 'd', 'e']")])
+def test_a_list_of_the_wrong_length_is_refused_in_the_fields_words(kind, body, message):
+    """Not pydantic's "List should have at least 1 item after validation": the field's own description."""
+    with pytest.raises(ApiError) as refused:
+        server_schema.validate(kind, body)
+    assert (refused.value.status, refused.value.param, refused.value.message) == (400, message.split(":")[0], message)

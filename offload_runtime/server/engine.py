@@ -230,16 +230,18 @@ class EngineWorker:
         return done
 
     def _reuse_prefix(self, session: Any, ids: list[int]) -> int:
-        """Cut the caches back to the longest common prefix with `ids`, prefill the rest; return the prefix."""
+        """Cut the caches back to the longest common prefix with `ids`, prefill the rest; return the cache
+        rows kept for the prefix (its last token is fed again when its logits are gone)."""
         common = common_prefix(session.context, ids)
         if common < len(session.context):
             session.truncate(common)
+        kept = min(common, session.full.length)
         try:
             session.extend(ids[common:])  # also marks the retrieval selection for a rebuild (a new question)
         except KeyboardInterrupt:
             session.truncate(common)
             raise
-        return common
+        return kept
 
     def _generate(self, request: Request) -> Completion:
         session = self.pool.pick(request.prompt_ids)
@@ -261,9 +263,9 @@ class EngineWorker:
         seeded = None if request.seed is None else torch.Generator(device=self.device).manual_seed(request.seed)
         set_sampling(session, request.params, seeded or self.generator)
         session.progress = check  # a prefill is cancelled between its chunks
-        common, stats = 0, None
+        kept, stats = 0, None
         try:
-            common = self._reuse_prefix(session, request.prompt_ids)
+            kept = self._reuse_prefix(session, request.prompt_ids)
             stats = session.generate(request.max_tokens, on_tokens).stats
             finish = "stop" if answer.ids and answer.ids[-1] in self.eos_ids else "length"
         except StopMatched:
@@ -276,9 +278,13 @@ class EngineWorker:
         tail = answer.flush()
         if tail and request.on_text and finish != "cancelled":
             request.on_text(tail)
-        stats.update(prefilled_tokens=session.stats.prefilled_tokens - before["prefilled_tokens"],
-                     restored_tokens=session.stats.restored_tokens - before["restored_tokens"],
-                     prefills=session.stats.prefills - before["prefills"], reused_prefix_tokens=common,
+        prefilled = session.stats.prefilled_tokens - before["prefilled_tokens"]
+        restored = session.stats.restored_tokens - before["restored_tokens"]
+        # rows kept in RAM, less a kept last row the catch-up refed for its logits: reused + restored +
+        # prefilled = the prompt (cached_tokens = reused + restored)
+        reused = min(kept, len(request.prompt_ids) - prefilled - restored)
+        stats.update(prefilled_tokens=prefilled, restored_tokens=restored,
+                     prefills=session.stats.prefills - before["prefills"], reused_prefix_tokens=reused,
                      contexts=len(self.pool.sessions),
                      tokens_per_l3_pass=stats.get("mean_accepted_per_pass"))
         return Completion(answer.text, answer.ids, finish, len(request.prompt_ids), stats)

@@ -122,7 +122,8 @@ class CompletionRequest(Generation):
 MODELS = (TextPart, Message, StreamOptions, Generation, ChatRequest, CompletionRequest)
 DESCRIPTIONS = {name: f.description for m in MODELS for name, f in m.model_fields.items() if f.description}
 SHAPE_ERRORS = {"model_type", "dict_type", "string_type", "int_type", "bool_type", "float_type", "list_type",
-                "literal_error", "int_from_float", "model_attributes_type"}
+                "literal_error", "int_from_float", "model_attributes_type",
+                "too_short", "too_long"}  # a list's length: its description says the bounds ("messages": [])
 
 
 def field_name(loc: tuple) -> str:
