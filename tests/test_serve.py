@@ -309,6 +309,10 @@ def test_unknown_fields_are_accepted_and_ignored(server):
             "messages": [{"role": "user", "content": "Hi", "name": "bob"}]}
     r = httpx.post(server + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    # `model` left out: the served model answers (docs/SERVER.md), named in the response
+    del body["model"]
+    r = httpx.post(server + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200 and r.json()["model"] == MODEL
 
 
 def test_an_engine_failure_is_a_500_and_the_harness_sees_it(server, engine, recorder, monkeypatch,
