@@ -115,7 +115,8 @@ def _run_command(chat: ChatSession, name: str, arg: str, stdout: TextIO) -> str 
             return None
         try:
             save_json(chat.transcript(), arg, overwrite=name == "/save!")
-            print(f"[saved {len(chat.turns)} turns to {arg}]", file=sys.stderr)
+            n = len(chat.turns)
+            print(f"[saved {n} turn{'' if n == 1 else 's'} to {arg}]", file=sys.stderr)
         except (OSError, ValueError, RuntimeError, UserError) as exc:  # ValueError: a NUL byte; RuntimeError: ~nobody
             print(f"cannot save: {_reason(exc)}", file=sys.stderr)
     else:
@@ -136,11 +137,16 @@ def save_json(data: dict, name: str, overwrite: bool = False) -> Path:
     """Write `data` to `name` (`~` expanded) atomically: a temporary file beside it, then a rename,
     so a crash never leaves half a transcript. An existing file is kept unless `overwrite`."""
     path = Path(name).expanduser()
+    if path.is_dir():
+        raise UserError(f"{name} is a directory: name a file in it")
     if path.exists() and not overwrite:
         raise UserError(f"{name} exists (use /save! {name} to replace it)")
-    if path.is_dir():
-        raise UserError(f"{name} is a directory")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if not path.parent.exists():
+        raise UserError(f"no such folder: {path.parent} (for {name})")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, name) from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
@@ -148,8 +154,15 @@ def save_json(data: dict, name: str, overwrite: bool = False) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain write would have given
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):  # (the original error is the one to report)
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _naming(exc, name) from exc
         raise
     return path
+
+
+def _naming(exc: OSError, name: str) -> OSError:
+    """The same error, naming the user's file rather than the temporary one beside it."""
+    return OSError(exc.errno, exc.strerror, name) if exc.strerror else exc

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from .cli_flags import auto_or_int, build_parser, build_serve_parser
 from .errors import UserError
-from .run_config import Generation, Inputs, Memory, Models, Output, RunConfig, ServeConfig, StoreOptions
+from .run_config import STORE_MAX_GB, Generation, Inputs, Memory, Models, Output, RunConfig, ServeConfig, StoreOptions
 from .validation import check_text, kernel_setting
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def run_config(ns: argparse.Namespace) -> RunConfig:
     return RunConfig(
         models=Models(ns.model, ns.draft or None), engine=engine, mode=ns.mode,
         generation=Generation(ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed),
-        store=StoreOptions(ns.kv_store, ns.kv_store_max_gb),
+        store=StoreOptions(ns.kv_store, STORE_MAX_GB if ns.kv_store_max_gb is None else ns.kv_store_max_gb),
         memory=Memory(ns.device, ns.dtype, None if ns.on_chip_layers == "auto" else int(ns.on_chip_layers),
                       ns.offload, ns.emulate_link, ns.max_context, ns.compile),
         inputs=Inputs(ns.prompt, ns.prompt_file, ns.context_file), output=Output(ns.chat, ns.json))
@@ -126,8 +126,11 @@ def check_memory_and_store(ns: argparse.Namespace) -> None:
             raise UserError(f"--on-chip-layers must be a non-negative integer or auto, got {ns.on_chip_layers}")
     if ns.max_context is not None and ns.max_context <= 0:
         raise UserError(f"--max-context must be positive, got {ns.max_context}")
-    if not (math.isfinite(ns.kv_store_max_gb) and ns.kv_store_max_gb > 0):
-        raise UserError(f"--kv-store-max-gb must be a positive number, got {ns.kv_store_max_gb}")
+    if ns.kv_store_max_gb is not None:
+        if ns.kv_store is None:
+            raise UserError("--kv-store-max-gb needs --kv-store")
+        if not (math.isfinite(ns.kv_store_max_gb) and ns.kv_store_max_gb > 0):
+            raise UserError(f"--kv-store-max-gb must be a positive number, got {ns.kv_store_max_gb}")
     if ns.kv_store is not None and Path(ns.kv_store).exists() and not Path(ns.kv_store).is_dir():
         raise UserError(f"--kv-store {ns.kv_store} is not a folder")
     if ns.kv_store is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:

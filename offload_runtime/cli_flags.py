@@ -8,12 +8,24 @@ from __future__ import annotations
 import argparse
 
 from .errors import OneLineParser
+from .run_config import STORE_MAX_GB
 
 RUN_DESCRIPTION = ("Lossless long-context generation with a host-resident KV cache and TriForce hierarchical "
                    "speculative decoding. Without --model: a demo on the trained stories260K pair shipped with "
                    "the package.")
 SERVE_DESCRIPTION = ("An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) over the "
                      "TriForce engine; follow-up requests prefill only what they add to the conversation.")
+RUN_MODEL_HELP = "target checkpoint: a local directory or a Hugging Face hub id (omit for the stories260K demo)"
+SERVE_MODEL_HELP = "target checkpoint to serve (required): a local directory or a Hugging Face hub id"
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in its help, unless the help already says its own `(default: ...)`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def auto_or_int(text: str) -> int | None:
@@ -29,9 +41,9 @@ def auto_or_int(text: str) -> int | None:
 def build_parser(prog: str = "python -m offload_runtime.run", description: str = RUN_DESCRIPTION,
                  io_flags: bool = True) -> argparse.ArgumentParser:
     """The flags of `run`; io_flags=False leaves out the input and output groups (the server reuses the rest)."""
-    p = OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog=prog, description=description, formatter_class=DefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="target checkpoint: a local directory or a Hugging Face hub id (omit for the stories260K demo)")
+    g.add_argument("--model", help=RUN_MODEL_HELP if io_flags else SERVE_MODEL_HELP)
     g.add_argument("--draft", help="small draft model sharing the target's vocabulary, --mode triforce only (omit: two-level hierarchy)")
     if io_flags:
         g = p.add_argument_group("input")
@@ -48,8 +60,9 @@ def build_parser(prog: str = "python -m offload_runtime.run", description: str =
     g.add_argument("--kv-store", metavar="DIR", default=None,
                    help="keep the full cache of prompts on disk in DIR and restore a cached prefix instead of "
                    "prefilling it (a document reopened, another question, a restart); off by default")
-    g.add_argument("--kv-store-max-gb", type=float, default=50.0, metavar="GB",
-                   help="the store's size limit; the least recently used blocks are deleted beyond it")
+    g.add_argument("--kv-store-max-gb", type=float, default=None, metavar="GB",  # None: not given (50 GB)
+                   help="the store's size limit, with --kv-store; the least recently used blocks are deleted "
+                   f"beyond it (default: {STORE_MAX_GB:g})")
     add_memory_flags(p)
     if io_flags:
         g = p.add_argument_group("output")
@@ -87,7 +100,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 def add_memory_flags(p: argparse.ArgumentParser) -> None:
     """The memory and device group: where the weights and the full cache live."""
     g = p.add_argument_group("memory and device")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when a GPU is available, else the CPU; cuda is refused without a GPU")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: the checkpoint's dtype on CUDA, float32 on CPU")
     g.add_argument("--on-chip-layers", default="auto",

@@ -5,7 +5,7 @@ Llama trained on TinyStories, and its weak distilled draft) on a ~400-token stor
 is continued in every mode (autoregressive, TriForce with 2 and 3 levels, and with the full
 cache in host memory, streamed layer by layer; over an EMULATED link with --emulate-link),
 the tokens are compared, and the acceptance the hierarchy reaches at a retrieval budget of
-about 1/8 of the context is reported: what makes TriForce pay off, measured on a trained model.
+about 1/8 of the prompt is reported: what makes TriForce pay off, measured on a trained model.
 Timing at realistic sizes lives in the benchmark (`python -m bench`), on synthetic shapes.
 """
 from __future__ import annotations

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .settings import EngineSettings
 
 Mode = Literal["triforce", "autoregressive"]
+STORE_MAX_GB = 50.0  # --kv-store-max-gb when --kv-store is given without it
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Generation:
 class StoreOptions:
     """--kv-store DIR (None: no store) and its size limit."""
     folder: str | None = None
-    max_gb: float = 50.0
+    max_gb: float = STORE_MAX_GB
 
     @property
     def max_bytes(self) -> int:

@@ -73,10 +73,29 @@ def test_save_expands_home_refuses_overwrite_and_replaces_with_bang(target, tmp_
     assert run_chat(chat, True, stdin=io.StringIO(script), stdout=io.StringIO()) == 0
     err = capsys.readouterr().err
     assert "cannot save: ~/t.json exists (use /save! ~/t.json to replace it)" in err
-    assert "[saved 1 turns to ~/t.json]" in err and "[saved 2 turns to ~/t.json]" in err
+    assert "[saved 1 turn to ~/t.json]" in err and "[saved 2 turns to ~/t.json]" in err
     saved = json.loads((tmp_path / "t.json").read_text())
     assert [t["user"] for t in saved["turns"]] == ["What?", "Again?"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]  # no temporary file left behind
+
+
+def test_save_names_the_users_path_never_the_temporary_file(target, tmp_path, monkeypatch, capsys):
+    """A missing folder is said as such; a directory is refused at once by /save and /save! alike; an
+    error while writing names the user's file, not the `.NAME.xxxx.tmp` beside it."""
+    missing = tmp_path / "missing" / "x.json"
+    script = f"What?\n/save {missing}\n/save {tmp_path}\n/save! {tmp_path}\n/save! {tmp_path / 'y.json'}\n"
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device", src)  # as os.replace names its source: the temporary file
+
+    monkeypatch.setattr(os, "replace", crash)
+    assert run_chat(new_chat(target), True, stdin=io.StringIO(script), stdout=io.StringIO()) == 0
+    failures = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cannot save: ")]
+    assert failures == [f"cannot save: no such folder: {missing.parent} (for {missing})",
+                        f"cannot save: {tmp_path} is a directory: name a file in it",
+                        f"cannot save: {tmp_path} is a directory: name a file in it",
+                        f"cannot save: No space left on device: {tmp_path / 'y.json'}"]
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

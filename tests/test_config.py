@@ -59,6 +59,7 @@ def test_the_server_builds_its_configuration_through_the_same_path(monkeypatch):
     (["--gamma", "64"], "--gamma must be below 64"),
     (["--on-chip-layers", "many"], "--on-chip-layers must be a non-negative integer or auto"),
     (["--draft", "d", "--mode", "autoregressive"], "--draft is used only by --mode triforce"),
+    (["--kv-store-max-gb", "5"], "--kv-store-max-gb needs --kv-store"),  # not silently ignored
 ])
 def test_run_and_serve_refuse_an_engine_flag_alike(flags, message):
     errors = []
@@ -67,6 +68,27 @@ def test_run_and_serve_refuse_an_engine_flag_alike(flags, message):
             parse(["--model", "m", *flags, *extra])
         errors.append(str(exc.value))
     assert errors[0] == errors[1] and message in errors[0], errors
+
+
+def test_the_store_limit_is_50_gb_unless_given(tmp_path, capsys):
+    store = ["--model", "m", "--prompt", "Hi", "--kv-store", str(tmp_path)]
+    assert parse_run_args(store).store == StoreOptions(str(tmp_path), 50.0)
+    assert parse_serve_args([*store[:2], *store[4:]]).run.store == StoreOptions(str(tmp_path), 50.0)
+    from offload_runtime.run import main
+
+    assert main(["--kv-store-max-gb", "5"]) == 2  # the demo takes no store either
+    assert capsys.readouterr().err == "error: --kv-store-max-gb needs --kv-store\n"
+
+
+def test_help_says_what_each_program_does_with_model_and_device(capsys):
+    from offload_runtime.cli_flags import build_parser, build_serve_parser
+
+    run_help, serve_help = (" ".join(p.format_help().split()) for p in (build_parser(), build_serve_parser()))
+    assert "(omit for the stories260K demo)" in run_help and "stories260K" not in serve_help  # serve needs --model
+    assert "--model MODEL target checkpoint to serve (required)" in serve_help
+    for text in (run_help, serve_help):
+        assert "--device {auto,cpu,cuda} auto: CUDA when a GPU is available, else the CPU" in text
+        assert "deleted beyond it (default: 50) memory and device:" in text  # 50 GB, said once (its parser default is None)
 
 
 def test_a_configuration_cannot_change_after_it_is_built():
