@@ -57,7 +57,8 @@ class PrefillProgress:
 def answer_summary(stats: dict, lead: list[str] | None = None) -> str:
     """One line after an answer: tokens, rows restored from the KV store, prefill, speed, tokens per L3 pass,
     offload traffic."""
-    parts = list(lead or []) + [f"{stats.get('new_tokens')} tokens"]
+    n = stats.get("new_tokens")
+    parts = list(lead or []) + [f"{n} token" if n == 1 else f"{n} tokens"]
     if stats.get("restored_tokens"):
         parts.append(f"restored {stats['restored_tokens']} tok")
     if stats.get("prefill_s"):

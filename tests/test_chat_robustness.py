@@ -221,3 +221,13 @@ def test_any_command_failure_is_one_line(target, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "/stats failed: stats exploded\n" in err and "second line" not in err and "Traceback" not in err
     assert [t["user"] for t in answers(out.getvalue())] == ["What?"]
+
+
+def test_the_summary_line_counts_in_words():
+    """One generated token is `1 token`; rows from the KV store are named only when there are some."""
+    from offload_runtime.console import answer_summary
+
+    assert answer_summary({"new_tokens": 1}).startswith("[1 token")
+    assert answer_summary({"new_tokens": 2}).startswith("[2 tokens")
+    assert "restored" not in answer_summary({"new_tokens": 2, "restored_tokens": 0})
+    assert "restored 256 tok" in answer_summary({"new_tokens": 2, "restored_tokens": 256})
