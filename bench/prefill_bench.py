@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from offload_runtime.caches.base import RECENT_QUERIES
+from offload_runtime.model import last_layer_rows
 from offload_runtime.prefill import PREFILL_CHUNK
 from offload_runtime.sampling import SamplingParams
 from offload_runtime.session import Session
@@ -71,7 +71,8 @@ def ours_flops(shape: Shape, tokens: int, chunk: int = PREFILL_CHUNK) -> float:
     skipped = 0.0
     for a in range(0, tokens, chunk):
         b = min(tokens, a + chunk)
-        last = b - min(b - a, RECENT_QUERIES)  # rows a..last-1 are skipped; row p attends to p + 1 keys
+        last = b - last_layer_rows(0, b - a, b - a)  # each chunk is a last-only forward; rows a..last-1 skipped
+        # row p attends to p + 1 keys: rows a..last-1 to (last(last+1) - a(a+1)) / 2 in all
         skipped += after_qkv * (last - a) + 2 * shape.heads * d * ((last * (last + 1) - a * (a + 1)) / 2)
     return forward_flops(shape, tokens) - 2 * skipped
 

@@ -30,6 +30,7 @@ import torch
 from offload_runtime import loading, recall_task, trained
 from offload_runtime.caches.base import RECENT_QUERIES
 from offload_runtime.caches.full import FullCache
+from offload_runtime.prefill import PREFILL_CHUNK
 from offload_runtime.sampling import SamplingParams
 from offload_runtime.session import Session
 from offload_runtime.settings import EngineSettings
@@ -88,8 +89,8 @@ def future_queries(model: Any, prompt: list[int], continuation: list[int]) -> li
     (the continuation is the greedy one, so these are the queries every L2 round will need)."""
     full = FullCache(model.cfg, model.device, model.dtype, capacity=len(prompt) + len(continuation))
     with torch.inference_mode():
-        for start in range(0, len(prompt) - 1, 1024):
-            model(torch.tensor(prompt[start:min(start + 1024, len(prompt) - 1)]), full, last_only=True)
+        for start in range(0, len(prompt) - 1, PREFILL_CHUNK):
+            model(torch.tensor(prompt[start:min(start + PREFILL_CHUNK, len(prompt) - 1)]), full, last_only=True)
         rows = prompt[-1:] + continuation
         assert len(rows) <= RECENT_QUERIES, "the oracle reads the queries the full cache keeps"
         model(torch.tensor(rows), full)

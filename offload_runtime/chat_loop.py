@@ -5,16 +5,14 @@ stderr.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import TextIO
 
 from .chat import ChatSession
 from .errors import UserError
+from .kv_blocks import atomic_write
 from .validation import check_text
 
 COMMANDS = {"/reset": "drop the conversation, keep the document", "/stats": "statistics of this session",
@@ -144,22 +142,9 @@ def save_json(data: dict, name: str, overwrite: bool = False) -> Path:
     if not path.parent.exists():
         raise UserError(f"no such folder: {path.parent} (for {name})")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write(path, json.dumps(data, indent=1).encode("utf-8"))
     except OSError as exc:
         raise _naming(exc, name) from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain write would have given
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):  # (the original error is the one to report)
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise _naming(exc, name) from exc
-        raise
     return path
 
 

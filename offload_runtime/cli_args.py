@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .cli_flags import auto_or_int, build_parser, build_serve_parser
+from .cli_flags import build_parser, build_serve_parser
 from .errors import UserError
 from .run_config import STORE_MAX_GB, Generation, Inputs, Memory, Models, Output, RunConfig, ServeConfig, StoreOptions
 from .validation import check_text, kernel_setting
@@ -21,7 +21,7 @@ from .validation import check_text, kernel_setting
 if TYPE_CHECKING:
     from .settings import EngineSettings
 
-__all__ = ["auto_or_int", "build_parser", "build_serve_parser", "parse_run_args", "parse_serve_args", "run_config"]
+__all__ = ["build_parser", "build_serve_parser", "parse_run_args", "parse_serve_args", "run_config"]
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 NEEDS_MODEL = ("prompt", "prompt_file", "context_file", "draft", "chat", "kv_store")

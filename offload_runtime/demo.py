@@ -66,8 +66,7 @@ def run_modes(config: RunConfig, target, draft, ids: list[int], n_new: int, sett
     params, memory = config.generation.sampling(), config.memory
     capacity = len(ids) + n_new + settings.max_gamma + 1
 
-    def offloaded() -> Any:
-        check_emulated_link(memory, device)
+    def offloaded() -> Any:  # (the link was checked by check_demo_link before the runs)
         return offloaded_cache(target.model.cfg, device, target.model.dtype, capacity, demo_on_chip_layers(memory),
                                memory.emulate_link)
 

@@ -28,8 +28,6 @@ from .kv_blocks import (BLOCK, FORMAT, SUFFIX, BadBlock, BlockFiles, atomic_writ
                         model_fingerprint)
 from .model import CausalLM
 
-DEFAULT_MAX_GB = 50.0
-
 
 def _warn(message: str) -> None:
     print(f"warning: kv store: {message}", file=sys.stderr, flush=True)
@@ -49,7 +47,6 @@ class KVStore:
         self.dir = self.root / f"v{FORMAT}" / self.digest[:32]
         self.max_bytes, self.warn = max_bytes, warn
         self.saves_failed = False  # (a full disk warns once, then the store only reads)
-        self.restored_tokens = 0  # rows this process restored (reports and tests)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             manifest = self.dir / "model.json"
@@ -92,7 +89,6 @@ class KVStore:
         if stop <= start:
             return 0
         _append_rows(cache, loaded, start - (start // BLOCK) * BLOCK, stop - start)
-        self.restored_tokens += stop - start
         return stop - start
 
     def _read(self, key: str, prev: str, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -102,6 +102,8 @@ class Job:
     offload: bool  # the L3 cache is an OffloadedCache of plan.context tokens
     emulate_link: float | None = None  # GB/s of an EMULATED link (CPU): the whole cache crosses it by default
     caches: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # the caches built and still alive
+    store: KVStore | None = None  # --kv-store, once opened (see kv_store)
+    store_opened: bool = False
 
     def new_cache(self, model: Any) -> OffloadedCache | None:
         """A new planned L3 cache for the loaded model (each context owns one; its owner closes it when
@@ -112,6 +114,13 @@ class Job:
                                 self.emulate_link)
         self.caches.add(cache)
         return cache
+
+    def kv_store(self, config: RunConfig, model: Any) -> KVStore | None:
+        """The --kv-store for the job's sessions, opened by the first (the server's contexts share it:
+        opening one fingerprints every weight)."""
+        if not self.store_opened:
+            self.store, self.store_opened = open_kv_store(config, model), True
+        return self.store
 
     def close(self) -> None:
         """Stop the caches' copy engines (an emulated link's thread) now, in order, before the interpreter
@@ -203,4 +212,4 @@ def make_session(config: RunConfig, job: Job, target: LoadedModel, draft: Loaded
     generator = torch.Generator(device=job.device).manual_seed(config.generation.seed)
     return Session(target.model, draft.model if draft else None, config.generation.sampling(), target.eos_ids,
                    config.engine, generator, config.mode, cache=job.new_cache(target.model), capacity=capacity,
-                   kv_store=open_kv_store(config, target.model))
+                   kv_store=job.kv_store(config, target.model))

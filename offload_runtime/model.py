@@ -103,6 +103,12 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def last_layer_rows(a: int, b: int, n: int) -> int:
+    """Rows of a prompt's chunk [a, b) (of n tokens) whose last-layer output is computed: those among the
+    last RECENT_QUERIES, whose queries the full cache keeps, and at least one; the rest would feed no logit."""
+    return max(1, b - max(a, n - RECENT_QUERIES))
+
+
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -155,6 +161,7 @@ class CausalLM(nn.Module):
             if run_layer is not None:
                 x = run_layer(i, layer, x, cos, sin)
             else:  # with last_only, the last layer's attention and MLP run for the rows the cache keeps queries of
-                x = layer(x, cos, sin, cache, min(x.shape[0], RECENT_QUERIES) if last_only and i == last else None)
+                t = x.shape[0]
+                x = layer(x, cos, sin, cache, last_layer_rows(0, t, t) if last_only and i == last else None)
         cache.advance(tokens.shape[0])
         return self.head(x[-1:] if last_only else x)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .caches.base import RECENT_QUERIES, FullKVCache, KVCache
 from .kernels import attention
-from .model import CausalLM, DecoderLayer
+from .model import CausalLM, DecoderLayer, last_layer_rows
 
 PREFILL_CHUNK = 1024  # prompt tokens per forward (token-major) or per chunk within a layer (layer-major), at most
 MASK_BYTES = 512 << 20  # bound on one chunk's attention mask (SDPA): fewer tokens per chunk at long contexts
@@ -78,7 +78,7 @@ def prefill_layer_major(model: CausalLM, tokens: torch.Tensor, cache: FullKVCach
             b = min(n, a + chunk_tokens)
             # The last layer's outputs feed only the last logit, and its queries only the kept recent
             # rows: a chunk before those rows runs one query (its K/V all written), and x keeps stale rows.
-            rows = max(1, b - max(a, n - RECENT_QUERIES)) if i == layers - 1 else b - a
+            rows = last_layer_rows(a, b, n) if i == layers - 1 else b - a
             x[b - rows:b] = layer(x[a:b], cos[a:b], sin[a:b], writer, rows)
             bar.update(b - a)
         cache.recent_queries[i] = writer.recent

@@ -177,22 +177,18 @@ def test_save_to_paths_the_os_rejects_is_one_message_and_the_chat_goes_on(target
                 str(tmp_path / "nul\x00.json"), "~no_such_user_zz/t.json", str(tmp_path / "missing" / "t.json")]
     script = "What?\n" + "".join(f"/save! {p}\n" for p in rejected) + \
         f"/save! {tmp_path / 'DENIED'}\n/save! {tmp_path / 'FULL'}\nAgain?\n/save {tmp_path / 'ok.json'}\n"
-    real_mkstemp, real_dump = chat_module.tempfile.mkstemp, chat_module.json.dump
-    made: list[str] = []
+    real_write = chat_module.atomic_write
 
-    def mkstemp(*args, **kwargs):  # simulated: root may write anywhere, and no disk here is full
-        if kwargs.get("prefix") == ".DENIED.":
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "DENIED"))
-        made.append(kwargs.get("prefix"))
-        return real_mkstemp(*args, **kwargs)
+    def full_disk():  # the write fails half-way, after the temporary file was made
+        yield b"{"
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def dump(data, f, **kwargs):
-        if made[-1] == ".FULL.":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_dump(data, f, **kwargs)
+    def write(path, data):  # simulated: root may write anywhere, and no disk here is full
+        if path.name == "DENIED":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_write(path, full_disk() if path.name == "FULL" else data)
 
-    monkeypatch.setattr(chat_module.tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(chat_module.json, "dump", dump)
+    monkeypatch.setattr(chat_module, "atomic_write", write)
     chat = new_chat(target)
     out = io.StringIO()
     assert run_chat(chat, True, stdin=io.StringIO(script), stdout=out) == 0

@@ -282,3 +282,13 @@ def test_the_store_command_answers_mistakes_in_one_line(tmp_path, capsys, argv, 
     assert kv_store.main([str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_a_jobs_sessions_share_one_opened_store(monkeypatch):
+    """The server's contexts share the job's store: opening one fingerprints every weight, once."""
+    from offload_runtime import launch
+
+    opened = []
+    monkeypatch.setattr(launch, "open_kv_store", lambda config, model: opened.append(model) or object())
+    job = launch.Job(torch.device("cpu"), None, None, False)
+    assert job.kv_store(None, "model") is job.kv_store(None, "model") and opened == ["model"]
